@@ -1,0 +1,136 @@
+"""The computation DAG of one training iteration.
+
+Nodes are instructions. Edges are each rank's execution order plus the data dependencies:
+
+- ``F(v, j) -> F(v+1, j)``: activations flow forward;
+- ``B(v+1, j) -> B(v, j)`` (or ``I``): gradients flow backward;
+- ``F(last, j) -> B(last, j)`` (or ``I``) on the last stage;
+- ``I(v, j) -> W(v, j)``: the weight gradient needs the output gradient.
+
+Point-to-point communication takes no time in this model. Edges are built with a hash lookup per
+node, in time linear in the number of instructions.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from functools import cached_property
+
+import numpy as np
+
+from perseus_lightning.core.errors import ScheduleError
+from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD
+from perseus_lightning.core.schedules import Instruction, PipelineSchedule
+
+
+@dataclass(frozen=True)
+class InstructionDAG:
+    """Instruction DAG of a :class:`PipelineSchedule`; node ``i`` is ``instructions[i]``."""
+
+    schedule: PipelineSchedule
+    instructions: tuple[Instruction, ...]
+    ranks: np.ndarray
+    """Rank (GPU) of each node."""
+    edge_sources: np.ndarray
+    edge_targets: np.ndarray
+    topological_order: np.ndarray
+    _index: dict[Instruction, int] = field(repr=False, compare=False)
+
+    @classmethod
+    def from_schedule(cls, schedule: PipelineSchedule) -> InstructionDAG:
+        instructions = tuple(ins for order in schedule.rank_orders for ins in order)
+        index = {ins: i for i, ins in enumerate(instructions)}
+        ranks = np.array([r for r, order in enumerate(schedule.rank_orders) for _ in order], dtype=np.int64)
+        sources: list[int] = []
+        targets: list[int] = []
+        pos = 0
+        for order in schedule.rank_orders:  # execution order on each rank
+            sources += range(pos, pos + len(order) - 1)
+            targets += range(pos + 1, pos + len(order))
+            pos += len(order)
+        last = schedule.num_stages - 1
+        for i, ins in enumerate(instructions):  # data dependencies, one lookup each
+            v, j = ins.stage, ins.microbatch
+            if ins.kind == FORWARD:
+                pred = index.get(Instruction(v - 1, FORWARD, j)) if v > 0 else None
+            elif ins.kind == BACKWARD_WEIGHT:
+                pred = index.get(Instruction(v, BACKWARD_INPUT, j))
+            elif v == last:
+                pred = index.get(Instruction(v, FORWARD, j))
+            else:
+                pred = index.get(Instruction(v + 1, BACKWARD, j), index.get(Instruction(v + 1, BACKWARD_INPUT, j)))
+            if pred is not None:
+                sources.append(pred)
+                targets.append(i)
+        src = np.array(sources, dtype=np.int64)
+        dst = np.array(targets, dtype=np.int64)
+        order = _topological_order(len(instructions), src, dst, schedule, instructions)
+        return cls(schedule, instructions, ranks, src, dst, order, index)
+
+    @property
+    def num_nodes(self) -> int:
+        return len(self.instructions)
+
+    @property
+    def num_ranks(self) -> int:
+        return self.schedule.num_ranks
+
+    def index(self, instruction: Instruction) -> int:
+        """Node id of ``instruction``."""
+        return self._index[instruction]
+
+    @cached_property
+    def predecessors(self) -> tuple[tuple[int, ...], ...]:
+        """Predecessors of every node."""
+        preds: list[list[int]] = [[] for _ in self.instructions]
+        for s, t in zip(self.edge_sources.tolist(), self.edge_targets.tolist()):
+            preds[t].append(s)
+        return tuple(map(tuple, preds))
+
+    @cached_property
+    def successors(self) -> tuple[tuple[int, ...], ...]:
+        """Successors of every node."""
+        succs: list[list[int]] = [[] for _ in self.instructions]
+        for s, t in zip(self.edge_sources.tolist(), self.edge_targets.tolist()):
+            succs[s].append(t)
+        return tuple(map(tuple, succs))
+
+    def rank_nodes(self, rank: int) -> range:
+        """Node ids of ``rank`` in execution order (nodes are numbered rank by rank)."""
+        start = sum(len(o) for o in self.schedule.rank_orders[:rank])
+        return range(start, start + len(self.schedule.rank_orders[rank]))
+
+
+def _topological_order(
+    n: int, src: np.ndarray, dst: np.ndarray, schedule: PipelineSchedule, instructions: tuple[Instruction, ...]
+) -> np.ndarray:
+    """Kahn's algorithm; a cycle means the schedule deadlocks, which is reported per rank."""
+    indegree = np.bincount(dst, minlength=n)
+    successors: list[list[int]] = [[] for _ in range(n)]
+    for s, t in zip(src.tolist(), dst.tolist()):
+        successors[s].append(t)
+    ready = [i for i in range(n) if indegree[i] == 0]
+    order: list[int] = []
+    while ready:
+        node = ready.pop()
+        order.append(node)
+        for nxt in successors[node]:
+            indegree[nxt] -= 1
+            if indegree[nxt] == 0:
+                ready.append(nxt)
+    if len(order) < n:
+        done = set(order)
+        stuck = []
+        pos = 0
+        for rank, rank_order in enumerate(schedule.rank_orders):
+            blocked = next((pos + k for k in range(len(rank_order)) if pos + k not in done), None)
+            if blocked is not None:
+                stuck.append(f"rank {rank} at '{instructions[blocked]}'")
+            pos += len(rank_order)
+        raise ScheduleError(
+            f"schedule '{schedule.name}' deadlocks: {', '.join(stuck)} each wait on an instruction that runs later. "
+            f"Fix: order each rank's actions so that a stage's forward follows the previous stage's and its "
+            f"backward follows the next stage's."
+        )
+    return np.array(order, dtype=np.int64)
+
