@@ -11,6 +11,7 @@ instruction kind and whose last is the frequency in MHz:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,7 +114,10 @@ def _parse_entry(entry: object, expected: Instruction, where: str) -> int:
             f"{where}: names {[kind, *middle]} but the schedule runs '{expected}' there "
             f"({', '.join(map(str, want))}). Fix: list instructions in the schedule's execution order."
         )
-    if isinstance(frequency, bool) or not isinstance(frequency, (int, float)) or frequency != int(frequency) or frequency <= 0:
+    if (
+        isinstance(frequency, bool) or not isinstance(frequency, (int, float)) or not math.isfinite(frequency)
+        or frequency != int(frequency) or frequency <= 0
+    ):
         raise PlanError(f"{where}: frequency {frequency!r} is not a clock in MHz. Fix: give a positive integer, e.g. 1410.")
     return int(frequency)
 

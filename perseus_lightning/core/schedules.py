@@ -163,10 +163,11 @@ def _looped_schedule(
 ) -> PipelineSchedule:
     rounds = max(1, num_microbatches // num_ranks)
     if num_microbatches % rounds:
+        below = next(m for m in range(num_microbatches - 1, 0, -1) if _fits_rounds(m, num_ranks))
+        above = next(m for m in range(num_microbatches + 1, 2 * num_microbatches + num_ranks) if _fits_rounds(m, num_ranks))
         raise ScheduleError(
             f"{name} with {num_ranks} ranks needs the microbatch count to be a multiple of {rounds} "
-            f"(microbatches // ranks), got {num_microbatches}. Fix: use {num_microbatches - num_microbatches % rounds} "
-            f"or {num_microbatches + rounds - num_microbatches % rounds} microbatches."
+            f"(microbatches // ranks), got {num_microbatches}. Fix: use {below} or {above} microbatches."
         )
     per_round = num_microbatches // rounds
     total = virtual_stages * num_microbatches
@@ -207,6 +208,11 @@ def _looped_schedule(
         orders.append(tuple(order))
     stage_ranks = tuple(v % num_ranks for v in range(num_ranks * virtual_stages))
     return PipelineSchedule(name, num_microbatches, tuple(orders), stage_ranks)
+
+
+def _fits_rounds(num_microbatches: int, num_ranks: int) -> bool:
+    """Whether looped schedules accept ``num_microbatches`` (a whole number of rounds)."""
+    return num_microbatches % max(1, num_microbatches // num_ranks) == 0
 
 
 def parse_action(action: object, where: str = "") -> list[Instruction]:
@@ -266,9 +272,11 @@ def from_actions(
                     raise ScheduleError(f"{where}'{ins}' repeats {seen[ins]}. Fix: run each instruction once per iteration.")
                 seen[ins] = f"rank {rank}, action {pos}"
                 order.append(ins)
+        if not order:
+            raise ScheduleError(
+                f"rank {rank} runs no compute action. Fix: drop ranks without stages, or give rank {rank} its F and B actions."
+            )
         orders.append(tuple(order))
-    if not seen:
-        raise ScheduleError("the action lists hold no compute actions. Fix: give F and B (or I and W) actions.")
     num_stages = 1 + max(stage_rank)
     num_microbatches = 1 + max(ins.microbatch for ins in seen)
     missing_stages = [v for v in range(num_stages) if v not in stage_rank]

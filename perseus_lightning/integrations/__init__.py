@@ -1,0 +1,1 @@
+"""Hooks into training frameworks that record what a pipeline-parallel job actually runs."""

@@ -1,0 +1,29 @@
+"""Shared fixtures for the perseus_lightning tests."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # import the package from the checkout when it is not installed
+    sys.path.insert(0, str(REPO_ROOT))
+
+SHARED_STAGE_PROFILES = REPO_ROOT.parent / "shared" / "data" / "stage_profiles"
+A100_PROFILE_CSV = SHARED_STAGE_PROFILES / "gpt3-175b+a100_sxm_bf16.csv"
+
+
+@pytest.fixture(scope="session")
+def shared_profile_path() -> Path:
+    """The measured GPT-3 175B A100 stage profile from ../shared/data (skips when absent)."""
+    if not A100_PROFILE_CSV.is_file():
+        pytest.skip("../shared/data/stage_profiles not present (third-party data, not shipped with the repo)")
+    return A100_PROFILE_CSV
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "distributed: launches a real multi-process torch.distributed (gloo) job; slow"
+    )
