@@ -26,20 +26,8 @@ from perseus_lightning.core.schedules import (
     parse_action,
     zero_bubble,
 )
+from schedule_variants import VARIANTS
 
-# (schedule name, virtual stages, split backward): every built-in variant.
-VARIANTS: list[tuple[str, int, bool]] = [
-    ("1f1b", 1, True),
-    ("gpipe", 1, True),
-    ("interleaved-1f1b", 1, True),
-    ("interleaved-1f1b", 2, True),
-    ("interleaved-1f1b", 3, True),
-    ("zero-bubble", 1, True),
-    ("zero-bubble", 1, False),
-    ("zero-bubble", 2, True),
-    ("zero-bubble", 2, False),
-    ("zero-bubble", 3, True),
-]
 LOOPED = ("interleaved-1f1b", "zero-bubble")
 SIZES: list[tuple[int, int]] = [(s, m) for s in (1, 2, 3, 4, 8) for m in (1, 2, 3, 4, 5, 8, 12, 24)]
 

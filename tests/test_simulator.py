@@ -26,6 +26,7 @@ from perseus_lightning.core.plan import FrequencyPlan, check_frequencies
 from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, Profile
 from perseus_lightning.core.schedules import Instruction, PipelineSchedule, build_schedule
 from perseus_lightning.core.simulator import simulate, simulate_data_parallel
+from schedule_variants import VARIANTS
 
 RawProfile = dict[tuple[int, str], dict[int, tuple[float, float]]]
 """(profile stage, kind) -> {MHz: (seconds, joules)}."""
@@ -33,18 +34,6 @@ RawProfile = dict[tuple[int, str], dict[int, tuple[float, float]]]
 SHARED_CLOCKS = np.arange(900, 1500, 30)
 EXTRA_CLOCKS = np.arange(1501, 1700, 7)  # clocks only some instructions were measured at
 
-VARIANTS: list[tuple[str, int, bool]] = [
-    ("1f1b", 1, True),
-    ("gpipe", 1, True),
-    ("interleaved-1f1b", 1, True),
-    ("interleaved-1f1b", 2, True),
-    ("interleaved-1f1b", 3, True),
-    ("zero-bubble", 1, True),
-    ("zero-bubble", 1, False),
-    ("zero-bubble", 2, True),
-    ("zero-bubble", 3, False),
-    ("zero-bubble", 3, True),
-]
 MICROBATCH_COUNTS = (1, 4, 7, 12, 24)
 
 

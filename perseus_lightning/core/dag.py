@@ -82,18 +82,12 @@ class InstructionDAG:
     @cached_property
     def predecessors(self) -> tuple[tuple[int, ...], ...]:
         """Predecessors of every node."""
-        preds: list[list[int]] = [[] for _ in self.instructions]
-        for s, t in zip(self.edge_sources.tolist(), self.edge_targets.tolist()):
-            preds[t].append(s)
-        return tuple(map(tuple, preds))
+        return _adjacency(self.num_nodes, self.edge_targets, self.edge_sources)
 
     @cached_property
     def successors(self) -> tuple[tuple[int, ...], ...]:
         """Successors of every node."""
-        succs: list[list[int]] = [[] for _ in self.instructions]
-        for s, t in zip(self.edge_sources.tolist(), self.edge_targets.tolist()):
-            succs[s].append(t)
-        return tuple(map(tuple, succs))
+        return _adjacency(self.num_nodes, self.edge_sources, self.edge_targets)
 
     def rank_nodes(self, rank: int) -> range:
         """Node ids of ``rank`` in execution order (nodes are numbered rank by rank)."""
@@ -101,14 +95,20 @@ class InstructionDAG:
         return range(start, start + len(self.schedule.rank_orders[rank]))
 
 
+def _adjacency(n: int, keys: np.ndarray, values: np.ndarray) -> tuple[tuple[int, ...], ...]:
+    """For each node ``k``, the ``values`` of the edges whose ``keys`` entry is ``k``."""
+    lists: list[list[int]] = [[] for _ in range(n)]
+    for key, value in zip(keys.tolist(), values.tolist()):
+        lists[key].append(value)
+    return tuple(map(tuple, lists))
+
+
 def _topological_order(
     n: int, src: np.ndarray, dst: np.ndarray, schedule: PipelineSchedule, instructions: tuple[Instruction, ...]
 ) -> np.ndarray:
     """Kahn's algorithm; a cycle means the schedule deadlocks, which is reported per rank."""
     indegree = np.bincount(dst, minlength=n)
-    successors: list[list[int]] = [[] for _ in range(n)]
-    for s, t in zip(src.tolist(), dst.tolist()):
-        successors[s].append(t)
+    successors = _adjacency(n, src, dst)
     ready = [i for i in range(n) if indegree[i] == 0]
     order: list[int] = []
     while ready:
