@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 
-.PHONY: demo test clean
+.PHONY: demo test bench clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -18,6 +18,12 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
+
+# Benchmarks print tables; lowtime 0.3.0 is installed for the side-by-side comparison only.
+bench: $(INSTALLED)
+	$(BIN)/pip install --quiet lowtime==0.3.0
+	$(BIN)/python bench/simulator.py
+	$(BIN)/python bench/planner.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -32,10 +32,11 @@ def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, s
 @pytest.mark.parametrize(
     ("command", "phrases"),
     [
-        ((), ["demo", "simulate", "show", "stage,instruction,frequency,time,energy", "examples:"]),
+        ((), ["demo", "plan", "simulate", "show", "stage,instruction,frequency,time,energy", "examples:"]),
         (("simulate",), ["--p2p-power", "longest path", "blocking power", "--plan", "--timeline", "--straggler-slowdown"]),
         (("show",), ["Pareto", "--plot", "--stage"]),
-        (("demo",), ["--output-dir", "straggler"]),
+        (("demo",), ["--output-dir", "straggler", "frontier"]),
+        (("plan",), ["T*", "frontier.json", "--zeus-dir", "--points"]),
     ],
 )
 def test_help_is_useful(capsys: pytest.CaptureFixture[str], command: tuple[str, ...], phrases: list[str]) -> None:
@@ -125,12 +126,12 @@ def test_demo_writes_a_plan_that_saves_energy_at_the_same_time(capsys: pytest.Ca
     code, out, _ = run_cli(capsys, "demo", "--output-dir", str(out_dir))
     assert code == 0
     assert "max clock" in out and "Perseus plan" in out and "others paced" in out
-    for name in ("profile.csv", "plan.json", "timeline_baseline.png", "timeline_plan.png"):
+    for name in ("profile.csv", "frontier.json", "frontier.png", "timeline_baseline.png", "timeline_plan.png"):
         assert (out_dir / name).stat().st_size > 0
     # The written plan, simulated through the CLI, keeps the iteration time and saves energy.
     common = ("simulate", str(out_dir / "profile.csv"), "--microbatches", "8", "--p2p-power", "83.64", "--json")
     _, base_out, _ = run_cli(capsys, *common)
-    _, plan_out, _ = run_cli(capsys, *common, "--plan", str(out_dir / "plan.json"))
+    _, plan_out, _ = run_cli(capsys, *common, "--plan", str(out_dir / "frontier.json"))
     baseline, planned = json.loads(base_out), json.loads(plan_out)
     assert planned["iteration_time"] <= baseline["iteration_time"] * (1 + 1e-9)
     assert planned["energy"] < 0.95 * baseline["energy"]

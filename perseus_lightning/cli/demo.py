@@ -11,8 +11,9 @@ from rich.table import Table
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.gpu_model import A100_LIKE, example_profile
 from perseus_lightning.core.schedules import build_schedule
-from perseus_lightning.core.simulator import simulate, simulate_data_parallel
-from perseus_lightning.core.slack import reclaim_slack
+from perseus_lightning.core.extrinsic import evaluate_straggler
+from perseus_lightning.core.planner import plan_frontier
+from perseus_lightning.core.simulator import simulate
 
 STAGES = 4
 MICROBATCHES = 8
@@ -21,10 +22,11 @@ STRAGGLER_SLOWDOWN = 1.1
 
 DESCRIPTION = f"""\
 Plan the built-in example pipeline (a {STAGES}-stage GPT on {A100_LIKE.name} GPUs, 1F1B,
-{MICROBATCHES} microbatches): slow the instructions off the critical path without lengthening the
-iteration, then let {PIPELINES - 1} of {PIPELINES} data-parallel pipelines slow to the pace of a
-straggler {STRAGGLER_SLOWDOWN}x slower. Prints baseline vs plan, and writes the profile, the plan
-and both timelines to --output-dir.
+{MICROBATCHES} microbatches): compute its time-energy frontier, deploy the zero-slowdown plan
+(the instructions off the critical path slow down, the iteration does not), then let
+{PIPELINES - 1} of {PIPELINES} data-parallel pipelines slow to the pace of a straggler
+{STRAGGLER_SLOWDOWN}x slower. Prints baseline vs plan, and writes the profile, the frontier, its
+plot and both timelines to --output-dir.
 """
 
 
@@ -34,25 +36,22 @@ def register(commands: argparse._SubParsersAction) -> None:
         description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--output-dir", type=Path, default=Path("perseus-demo"), metavar="DIR",
-                        help="where to write profile.csv, plan.json and the timelines (default: %(default)s)")
+                        help="where to write profile.csv, frontier.json and the plots (default: %(default)s)")
     parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from perseus_lightning.plots import plot_timeline
+    from perseus_lightning.plots import plot_frontier, plot_timeline
 
     console = Console()
     profile = example_profile()
     power = A100_LIKE.blocking_power
     dag = InstructionDAG.from_schedule(build_schedule("1f1b", STAGES, MICROBATCHES))
     baseline = simulate(dag, profile, power)
-    plan = reclaim_slack(dag, profile, power)
-    planned = simulate(dag, profile, power, plan)
-
-    straggler_time = baseline.iteration_time * STRAGGLER_SLOWDOWN
-    paced = reclaim_slack(dag, profile, power, deadline=straggler_time)
-    dp_baseline = simulate_data_parallel(dag, profile, power, PIPELINES, STRAGGLER_SLOWDOWN)
-    dp_planned = simulate_data_parallel(dag, profile, power, PIPELINES, STRAGGLER_SLOWDOWN, paced)
+    frontier = plan_frontier(profile, dag, power)
+    planned = simulate(dag, profile, power, frontier.fastest.plan)
+    straggler = evaluate_straggler(frontier, profile, PIPELINES, STRAGGLER_SLOWDOWN)
+    dp_baseline, dp_planned = straggler.baseline, straggler.perseus
 
     table = Table(title=f"Built-in example: {STAGES}-stage GPT on {A100_LIKE.name} GPUs, 1F1B, {MICROBATCHES} microbatches")
     for column in ("pipelines", "clocks", "iteration time (s)", "energy (J)", "saving"):
@@ -67,13 +66,14 @@ def run(args: argparse.Namespace) -> int:
     out = args.output_dir
     out.mkdir(parents=True, exist_ok=True)
     profile.save(out / "profile.csv")
-    plan.save(out / "plan.json", dag)
+    frontier.save(out / "frontier.json")
+    plot_frontier(frontier, out / "frontier.png")
     plot_timeline(baseline, out / "timeline_baseline.png", title="baseline: every instruction at max clock")
     plot_timeline(planned, out / "timeline_plan.png", title="Perseus plan: same iteration time, less energy")
-    console.print(f"wrote {out}/profile.csv, plan.json, timeline_baseline.png, timeline_plan.png")
+    console.print(f"wrote {out}/profile.csv, frontier.json, frontier.png, timeline_baseline.png, timeline_plan.png")
     console.print(
         f"check it: perseus simulate {out}/profile.csv --microbatches {MICROBATCHES} "
-        f"--p2p-power {power} --plan {out}/plan.json"
+        f"--p2p-power {power} --plan {out}/frontier.json"
     )
     return 0
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from perseus_lightning.cli import demo, show, simulate
+from perseus_lightning.cli import demo, plan, show, simulate
 from perseus_lightning.core.errors import PerseusInputError
 
 DESCRIPTION = """\
@@ -24,6 +24,9 @@ examples:
   perseus show gpt3+a100.csv --plot profile.png
   perseus simulate gpt3+a100.csv --stages 8 --microbatches 12 --p2p-power 83.64 --json
   perseus simulate gpt3+a100.csv --microbatches 12 --p2p-power 83.64 --timeline timeline.png
+  perseus plan gpt3+a100.csv --microbatches 12 --p2p-power 83.64 --output frontier.json --plot frontier.png
+  perseus simulate gpt3+a100.csv --microbatches 12 --p2p-power 83.64 --frontier frontier.json \
+      --pipelines 16 --straggler-slowdown 1.2 --json
 """
 
 
@@ -39,7 +42,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perseus", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrorParser)
-    for module in (demo, simulate, show):
+    for module in (demo, plan, simulate, show):
         module.register(commands)
     return parser
 

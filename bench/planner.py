@@ -1,0 +1,126 @@
+"""Benchmark: the frontier planner on the measured GPT-3 175B profiles, against the LP bound and lowtime.
+
+Run: .venv/bin/python bench/planner.py [--microbatches 12 24 48 96] [--lowtime-max 24] [--scale]
+
+Needs ../shared/data/stage_profiles (third-party data, not shipped). Columns:
+- planner s: wall time of plan_frontier (the whole frontier, T_min to T*);
+- saving @0: energy saving of the zero-slowdown plan against every instruction at max clock;
+- gap @0: that plan's energy above the LP lower bound at the same deadline (T_min);
+- max gap: the largest gap of any plan, against the LP bound at the plan's own iteration time;
+- spacing: the largest distance between neighbouring plans, in % of T_min;
+- lowtime 0.3.0 (when installed, up to --lowtime-max microbatches): wall time, saving of its
+  fastest plan and that plan's slowdown, both by our exact simulator.
+A second table evaluates stragglers (16 pipelines, one 1.2x slower) against the paper's emulation.
+With --scale, a third times a 32-stage x 256-microbatch synthetic pipeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.extrinsic import evaluate_straggler
+from perseus_lightning.core.gpu_model import A100_LIKE
+from perseus_lightning.core.options import clock_options
+from perseus_lightning.core.planner import Frontier, plan_frontier
+from perseus_lightning.core.profile import Profile
+from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.schedules import build_schedule
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "stage_profiles"
+PROFILES = (("A100", "gpt3-175b+a100_sxm_bf16.csv", 83.64, 27.0), ("A40", "gpt3-175b+a40_bf16.csv", 70.38, 23.6))
+STAGES = 8
+
+
+def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float, float]:
+    """(gap at zero slowdown, largest gap at each plan's own time, largest spacing / T_min)."""
+    dag = frontier.dag
+    relaxation = HullRelaxation(dag, clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), frontier.p2p_power), frontier.p2p_power)
+    gaps = [p.energy / relaxation.solve(p.iteration_time).lower_bound - 1 for p in frontier.plans]
+    times = [p.iteration_time for p in frontier.plans]
+    spacing = max(np.diff(times), default=0.0) / frontier.baseline_time
+    return gaps[0], max(gaps), spacing
+
+
+def lowtime_columns(path: Path, microbatches: int, p2p_power: float, baseline: tuple[float, float], limit: int) -> list[str]:
+    if importlib.util.find_spec("lowtime") is None:
+        return ["not installed"] * 3
+    if microbatches > limit:
+        return [f"skipped (> {limit} mb)"] + [""] * 2
+    sys.path.insert(0, str(Path(__file__).parent))
+    from lowtime_baseline import run_lowtime
+
+    result = run_lowtime(path, STAGES, microbatches, p2p_power)
+    return [f"{result.wall_time:.1f}", f"{100 * (1 - result.fastest_energy / baseline[1]):.2f} %",
+            f"{100 * (result.fastest_time / baseline[0] - 1):+.3f} %"]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--microbatches", type=int, nargs="+", default=[12, 24, 48, 96])
+    parser.add_argument("--lowtime-max", type=int, default=24, help="run lowtime up to this many microbatches")
+    parser.add_argument("--scale", action="store_true", help="also time a 32 x 256 synthetic pipeline")
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} not present: the benchmark needs the third-party stage profiles in ../shared/data")
+    console = Console(width=160)
+
+    table = Table(title=f"Frontier planner, GPT-3 175B, {STAGES} stages, synchronous 1F1B")
+    for column in ("GPU", "mb", "plans", "planner s", "saving @0", "gap @0", "max gap", "spacing",
+                   "lowtime s", "lowtime saving", "lowtime slowdown"):
+        table.add_column(column, justify="right")
+    frontiers: dict[str, tuple[Frontier, Profile]] = {}
+    for gpu, name, power, _ in PROFILES:
+        profile = Profile.load(DATA / name)
+        for m in args.microbatches:
+            dag = InstructionDAG.from_schedule(build_schedule("1f1b", STAGES, m))
+            started = time.perf_counter()
+            frontier = plan_frontier(profile, dag, power)
+            elapsed = time.perf_counter() - started
+            gap0, max_gap, spacing = frontier_quality(frontier, profile)
+            saving = 1 - frontier.fastest.energy / frontier.baseline_energy
+            lowtime = lowtime_columns(DATA / name, m, power, (frontier.baseline_time, frontier.baseline_energy), args.lowtime_max)
+            table.add_row(gpu, str(m), str(len(frontier.plans)), f"{elapsed:.2f}", f"{100 * saving:.2f} %",
+                          f"{100 * gap0:.3f} %", f"{100 * max_gap:.3f} %", f"{100 * spacing:.2f} %", *lowtime)
+            frontiers[f"{gpu}-{m}"] = (frontier, profile)
+    console.print(table)
+
+    straggler = Table(title="Stragglers: 16 pipelines, one 1.2x slower (paper emulation: 8 stages, 96 microbatches)")
+    for column in ("GPU", "mb", "baseline J", "Perseus J", "saving", "paper"):
+        straggler.add_column(column, justify="right")
+    for gpu, _, _, paper in PROFILES:
+        key = f"{gpu}-{max(args.microbatches)}"
+        frontier, profile = frontiers[key]
+        result = evaluate_straggler(frontier, profile, 16, 1.2)
+        straggler.add_row(gpu, str(max(args.microbatches)), f"{result.baseline.energy:.0f}", f"{result.perseus.energy:.0f}",
+                          f"{100 * result.saving:.1f} %", f"{paper} %")
+    console.print(straggler)
+
+    if args.scale:
+        rng = np.random.default_rng(0)
+        stages, microbatches = 32, 256
+        profile = A100_LIKE.profile([(0.05 * (1 + 0.1 * rng.random()), 0.1 * (1 + 0.1 * rng.random())) for _ in range(stages)])
+        dag = InstructionDAG.from_schedule(build_schedule("1f1b", stages, microbatches))
+        started = time.perf_counter()
+        frontier = plan_frontier(profile, dag, A100_LIKE.blocking_power)
+        elapsed = time.perf_counter() - started
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        scale = Table(title=f"Scale: {stages} stages x {microbatches} microbatches, synthetic A100-like profile")
+        for column in ("instructions", "plans", "planner s", "saving @0", "peak RSS MB (whole process)"):
+            scale.add_column(column, justify="right")
+        scale.add_row(str(dag.num_nodes), str(len(frontier.plans)), f"{elapsed:.1f}",
+                      f"{100 * (1 - frontier.fastest.energy / frontier.baseline_energy):.2f} %", f"{peak:.0f}")
+        console.print(scale)
+
+
+if __name__ == "__main__":
+    main()

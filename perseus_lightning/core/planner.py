@@ -1,0 +1,244 @@
+"""The iteration time–energy frontier of frequency plans.
+
+:func:`plan_frontier` sweeps deadlines from ``T_min`` (every instruction at max clock: zero
+slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
+
+1. solves the convex-hull LP relaxation (:mod:`perseus_lightning.core.relaxation`), warm-started
+   from the previous deadline, which also gives the lower bound that no plan can beat;
+2. rounds every instruction to its cheapest profiled clock no slower than its relaxed duration,
+   which keeps every path within the deadline;
+3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`), also starting from
+   the previous deadline's plan, and keeps the cheaper of the two.
+
+Every plan's iteration time and energy come from the exact simulator on the measured profile.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.errors import PlanError
+from perseus_lightning.core.options import ClockOptions, clock_options
+from perseus_lightning.core.plan import FrequencyPlan
+from perseus_lightning.core.profile import Profile
+from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.schedules import from_actions
+from perseus_lightning.core.simulator import earliest_schedule, simulate
+from perseus_lightning.core.slack import option_durations, reclaim_slack
+
+FRONTIER_VERSION = 1
+DEFAULT_STEP = 0.004
+"""Deadline spacing of the sweep, as a fraction of ``T_min``."""
+MAX_SPACING = 0.005
+"""Largest gap between neighbouring plans' iteration times, as a fraction of ``T_min``."""
+FLAT_TOLERANCE = 1e-3
+"""Plans within this fraction of the minimum energy count as reaching ``T*``."""
+_ROUNDING_TOLERANCE = 1e-9
+_MAX_REFINEMENTS = 4
+
+
+@dataclass(frozen=True)
+class FrontierPlan:
+    """One plan of the frontier, with its exactly simulated iteration time and energy."""
+
+    iteration_time: float
+    energy: float
+    plan: FrequencyPlan
+    lower_bound: float | None = None
+    """The LP bound (J) at the deadline this plan was planned for; the bound at the plan's own,
+    possibly shorter, iteration time is at least as high."""
+
+
+class Frontier:
+    """Frequency plans ordered by iteration time, each cheaper than every faster one."""
+
+    def __init__(
+        self, dag: InstructionDAG, p2p_power: float, baseline: tuple[float, float], plans: Sequence[FrontierPlan]
+    ) -> None:
+        if not plans:
+            raise PlanError("a frontier needs at least one plan. Fix: plan with plan_frontier().")
+        self.dag = dag
+        self.p2p_power = p2p_power
+        self.baseline_time, self.baseline_energy = baseline
+        self.plans = sorted(plans, key=lambda p: p.iteration_time)
+
+    @property
+    def fastest(self) -> FrontierPlan:
+        """The zero-slowdown plan."""
+        return self.plans[0]
+
+    @property
+    def t_star(self) -> float:
+        """The minimum-energy iteration time ``T*``: the slowest plan's."""
+        return self.plans[-1].iteration_time
+
+    def select(self, deadline: float) -> FrontierPlan:
+        """The cheapest plan that finishes by ``deadline`` (the fastest plan if none does)."""
+        fitting = [p for p in self.plans if p.iteration_time <= deadline * (1 + _ROUNDING_TOLERANCE)]
+        return min(fitting, key=lambda p: p.energy) if fitting else self.fastest
+
+    def for_straggler(self, straggler_time: float) -> FrontierPlan:
+        """The plan for non-straggler pipelines when the slowest one takes ``straggler_time``:
+        the plan for ``min(T', T*)``."""
+        return self.select(min(straggler_time, self.t_star))
+
+    # ------------------------------------------------------------ persistence
+    def to_dict(self) -> dict[str, Any]:
+        schedule = self.dag.schedule
+        return {
+            "version": FRONTIER_VERSION,
+            "schedule": schedule.name,
+            "stages": schedule.num_ranks,
+            "virtual_stages": schedule.num_stages // schedule.num_ranks,
+            "microbatches": schedule.num_microbatches,
+            "p2p_power": self.p2p_power,
+            "baseline": {"iteration_time": self.baseline_time, "energy": self.baseline_energy},
+            "actions": schedule.actions(),
+            "plans": [
+                {"iteration_time": p.iteration_time, "energy": p.energy, "lower_bound": p.lower_bound,
+                 "frequencies": p.plan.rank_lists(self.dag)}
+                for p in self.plans
+            ],
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict()) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> Frontier:
+        path = Path(path)
+        try:
+            doc = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise PlanError(f"{path}: no such frontier file. Fix: create one with `perseus plan ... --output {path}`.") from None
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"{path}: not valid JSON ({exc}). Fix: create it with `perseus plan`.") from None
+        needed = ("version", "schedule", "p2p_power", "baseline", "actions", "plans")
+        if not isinstance(doc, dict) or any(key not in doc for key in needed):
+            raise PlanError(f"{path}: not a frontier file (needs {', '.join(needed)}). Fix: create it with `perseus plan`.")
+        if doc["version"] != FRONTIER_VERSION:
+            raise PlanError(f"{path}: frontier version {doc['version']}, this release reads {FRONTIER_VERSION}. Fix: re-plan.")
+        dag = InstructionDAG.from_schedule(from_actions(doc["actions"], name=doc["schedule"]))
+        plans = [
+            FrontierPlan(float(p["iteration_time"]), float(p["energy"]),
+                         FrequencyPlan.from_rank_lists(dag, p["frequencies"], f"{path}, plan {i}"), p.get("lower_bound"))
+            for i, p in enumerate(doc["plans"])
+        ]
+        baseline = doc["baseline"]
+        return cls(dag, float(doc["p2p_power"]), (float(baseline["iteration_time"]), float(baseline["energy"])), plans)
+
+    def write_zeus(self, directory: str | Path) -> list[Path]:
+        """Write Zeus's ``freqs_pipeline_%05d.py`` files, slowest plan first, as Zeus's PFO server reads them."""
+        if self.dag.schedule.num_stages != self.dag.num_ranks or self.dag.schedule.name != "1f1b":
+            raise PlanError(
+                f"Zeus plans describe synchronous 1F1B only, not '{self.dag.schedule.name}'. "
+                f"Fix: drop --zeus-dir, or plan with --schedule 1f1b."
+            )
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        written = []
+        for index, point in enumerate(reversed(self.plans)):
+            stages = [[(kind, freq) for kind, freq in rank] for rank in point.plan.rank_lists(self.dag)]
+            path = directory / f"freqs_pipeline_{index:05d}.py"
+            path.write_text(repr(stages) + "\n")
+            written.append(path)
+        return written
+
+
+def plan_frontier(
+    profile: Profile,
+    dag: InstructionDAG,
+    p2p_power: float,
+    step: float = DEFAULT_STEP,
+    points: int | None = None,
+) -> Frontier:
+    """Compute the iteration time–energy frontier of ``dag`` from ``T_min`` to ``T*``.
+
+    Deadlines are spaced ``step * T_min`` apart, or ``points`` of them evenly from ``T_min`` to
+    the relaxation's ``T*``; where neighbouring plans still end up more than ``MAX_SPACING * T_min``
+    apart, deadlines are added between them. The returned plans are Pareto-optimal among those
+    found, and end at ``T*``: the first plan within ``FLAT_TOLERANCE`` of the minimum energy.
+    """
+    if points is not None and points < 1:
+        raise PlanError(f"points is {points}. Fix: ask for at least 1 plan.")
+    if not step > 0:
+        raise PlanError(f"step is {step}. Fix: give a positive fraction of T_min, e.g. {DEFAULT_STEP}.")
+    sweep = _Sweep(profile, dag, p2p_power)
+    t_min = sweep.baseline.iteration_time
+    t_star = max(sweep.relaxation.min_energy(t_min).deadline, t_min)
+    if points is not None:
+        deadlines = np.linspace(t_min, t_star, points) if points > 1 else np.array([t_min])
+    else:
+        count = math.floor((t_star - t_min) / (step * t_min) + 1e-9) + 1
+        deadlines = t_min + step * t_min * np.arange(count + 1)  # one past T*: rounding may shift it
+    for deadline in deadlines:
+        sweep.plan_for(float(deadline))
+    plans = _frontier_of(sweep.found)
+    for _ in range(_MAX_REFINEMENTS):
+        gaps = [(a, b) for a, b in zip(plans, plans[1:]) if b.iteration_time - a.iteration_time > MAX_SPACING * t_min]
+        if not gaps or points is not None:
+            break
+        for a, b in gaps:
+            sweep.plan_for(0.5 * (a.iteration_time + b.iteration_time), seed=a)
+        plans = _frontier_of(sweep.found)
+    return Frontier(dag, p2p_power, (t_min, sweep.baseline.energy), plans)
+
+
+class _Sweep:
+    """Plans at successive deadlines, each also seeded by the previous deadline's plan (or a given one)."""
+
+    def __init__(self, profile: Profile, dag: InstructionDAG, p2p_power: float) -> None:
+        self.dag = dag
+        self.p2p_power = p2p_power
+        self.stage_profile = profile.for_stages(dag.schedule.stage_ranks)
+        self.baseline = simulate(dag, self.stage_profile, p2p_power)
+        self.options = clock_options(dag, self.stage_profile, p2p_power)
+        self.relaxation = HullRelaxation(dag, self.options, p2p_power)
+        self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+        self.previous = self.fastest
+        self.found: list[FrontierPlan] = []
+        self._choices: dict[int, np.ndarray] = {}
+
+    def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
+        """Plan for ``deadline``; ``seed`` (a plan found earlier) replaces the previous plan as a seed."""
+        relaxed = self.relaxation.solve(deadline)
+        rounded = np.array(
+            [opt.cheapest_within(d * (1 + _ROUNDING_TOLERANCE)) for opt, d in zip(self.options, relaxed.durations)]
+        )
+        earlier = self._choices[id(seed)] if seed is not None else self.previous
+        seeds = [c for c in (rounded, earlier, self.fastest) if self._finishes_by(c, deadline)]
+        reclaimed = [reclaim_slack(self.dag, self.options, c, deadline) for c in seeds]
+        results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
+        best = int(np.argmin([r.energy for r in results]))
+        plan = FrequencyPlan(tuple(results[best].frequencies.tolist()))
+        found = FrontierPlan(results[best].iteration_time, results[best].energy, plan, relaxed.lower_bound)
+        self.found.append(found)
+        self._choices[id(found)] = self.previous = reclaimed[best]
+
+    def _finishes_by(self, choice: np.ndarray, deadline: float) -> bool:
+        _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
+        return bool(end.max() <= deadline * (1 + _ROUNDING_TOLERANCE))
+
+
+def _frequencies(options: list[ClockOptions], choice: np.ndarray) -> FrequencyPlan:
+    return FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, choice.tolist())))
+
+
+def _frontier_of(plans: list[FrontierPlan]) -> list[FrontierPlan]:
+    """Plans each strictly cheaper than every faster plan, up to ``T*``: the first plan within
+    ``FLAT_TOLERANCE`` of the cheapest (beyond it the frontier is flat within measurement noise)."""
+    kept: list[FrontierPlan] = []
+    for plan in sorted(plans, key=lambda p: (p.iteration_time, p.energy)):
+        if not kept or plan.energy < kept[-1].energy:
+            kept.append(plan)
+    cheapest = min(p.energy for p in kept)
+    end = next(i for i, p in enumerate(kept) if p.energy <= cheapest * (1 + FLAT_TOLERANCE))
+    return kept[: end + 1]
