@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from fake_pynvml import FakeGPU, FakeNVML
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # import the package from the checkout when it is not installed
@@ -27,3 +28,18 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers", "distributed: launches a real multi-process torch.distributed (gloo) job; slow"
     )
+
+
+@pytest.fixture
+def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNVML:
+    """A fake ``pynvml`` (tests/fake_pynvml.py) with four A100s, installed as the ``pynvml`` module.
+
+    ``CUDA_VISIBLE_DEVICES`` is unset and the once-per-process observe-only warning re-armed.
+    """
+    from perseus_lightning.gpu import nvml
+
+    fake = FakeNVML([FakeGPU(uuid=f"GPU-{i}{i}{i}{i}aaaa-0000-1111-2222-33334444555{i}") for i in range(4)])
+    monkeypatch.setitem(sys.modules, "pynvml", fake)
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(nvml, "_observe_only_warned", False)
+    return fake
