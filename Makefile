@@ -24,6 +24,7 @@ bench: $(INSTALLED)
 	$(BIN)/pip install --quiet lowtime==0.3.0
 	$(BIN)/python bench/simulator.py
 	$(BIN)/python bench/planner.py
+	$(BIN)/python bench/gpu_control.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

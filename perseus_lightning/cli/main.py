@@ -6,8 +6,9 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from perseus_lightning.cli import demo, plan, show, simulate
+from perseus_lightning.cli import demo, doctor, plan, reset, show, simulate
 from perseus_lightning.core.errors import PerseusInputError
+from perseus_lightning.gpu.device import GPUControlError
 
 DESCRIPTION = """\
 Perseus removes energy bloat from pipeline-parallel training: it slows the GPU clock of
@@ -27,6 +28,9 @@ examples:
   perseus plan gpt3+a100.csv --microbatches 12 --p2p-power 83.64 --output frontier.json --plot frontier.png
   perseus simulate gpt3+a100.csv --microbatches 12 --p2p-power 83.64 --frontier frontier.json \
       --pipelines 16 --straggler-slowdown 1.2 --json
+  perseus doctor
+  perseus doctor --json --measure-lock-latency
+  perseus reset --all
 """
 
 
@@ -42,7 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perseus", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrorParser)
-    for module in (demo, plan, simulate, show):
+    for module in (demo, doctor, plan, reset, simulate, show):
         module.register(commands)
     return parser
 
@@ -51,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except PerseusInputError as exc:
+    except (PerseusInputError, GPUControlError) as exc:
         print(f"perseus {args.command}: error: {exc}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # e.g. `perseus simulate ... --json | head`

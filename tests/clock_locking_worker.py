@@ -1,0 +1,69 @@
+"""A training-like process for tests/test_safety.py: lock a low clock on emulated GPUs, then end.
+
+Usage: ``python clock_locking_worker.py MODE READY_FILE`` with MODE one of
+
+- ``normal``: leave the guard's ``with`` block and exit 0;
+- ``exception``: raise inside the ``with`` block (exit code 1);
+- ``exception-atexit``: raise with the guard never closed (only its atexit hook resets);
+- ``wait``: keep computing until a signal (SIGINT, SIGTERM or SIGKILL) from the test ends it;
+- ``unguarded``: like ``wait``, without a guard.
+
+Once the clocks are locked it writes ``{"pid": ..., "watchdog_pid": ...}`` to READY_FILE.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO_ROOT))
+
+from perseus_lightning.gpu.emulated import EmulatedGPU  # noqa: E402
+from perseus_lightning.gpu.safety import ClockGuard  # noqa: E402
+
+MODES = ("normal", "exception", "exception-atexit", "wait", "unguarded")
+
+
+def lock_and_report(devices: list[EmulatedGPU], ready_file: Path, guard: ClockGuard | None) -> None:
+    for device in devices:
+        device.lock_clock(min(device.supported_clocks()))
+    ready = {"pid": os.getpid(), "watchdog_pid": guard.watchdog_pid if guard else None}
+    partial = ready_file.with_suffix(".partial")
+    partial.write_text(json.dumps(ready))
+    partial.replace(ready_file)
+
+
+def train_until_killed(devices: list[EmulatedGPU]) -> None:
+    """Compute and read the energy counter on the main thread, as a training loop does."""
+    while True:
+        for device in devices:
+            with device.computing():
+                time.sleep(0.002)
+            device.energy_j()
+
+
+def main(mode: str, ready_file: Path) -> None:
+    devices = [EmulatedGPU(0), EmulatedGPU(1)]  # in $PERSEUS_EMULATED_GPU_DIR
+    if mode == "unguarded":
+        lock_and_report(devices, ready_file, None)
+        train_until_killed(devices)
+    if mode == "exception-atexit":
+        guard = ClockGuard(devices)
+        lock_and_report(devices, ready_file, guard)
+        raise RuntimeError("training failed, guard left open")
+    with ClockGuard(devices) as guard:
+        lock_and_report(devices, ready_file, guard)
+        if mode == "exception":
+            raise RuntimeError("training failed")
+        if mode == "wait":
+            train_until_killed(devices)
+
+
+if __name__ == "__main__":
+    if len(sys.argv) != 3 or sys.argv[1] not in MODES:
+        sys.exit(f"usage: {sys.argv[0]} {{{','.join(MODES)}}} READY_FILE")
+    main(sys.argv[1], Path(sys.argv[2]))
