@@ -43,3 +43,13 @@ def fake_nvml(monkeypatch: pytest.MonkeyPatch) -> FakeNVML:
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(nvml, "_observe_only_warned", False)
     return fake
+
+
+@pytest.fixture
+def example_csv(tmp_path: Path) -> Path:
+    """The built-in example pipeline's profile, written as a Zeus CSV."""
+    from perseus_lightning.core.gpu_model import example_profile
+
+    path = tmp_path / "example.csv"
+    example_profile().save(path)
+    return path

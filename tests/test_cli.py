@@ -9,24 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from perseus_lightning.cli.main import main
-from perseus_lightning.core.gpu_model import example_profile
-
-
-@pytest.fixture
-def example_csv(tmp_path: Path) -> Path:
-    path = tmp_path / "example.csv"
-    example_profile().save(path)
-    return path
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse's --help and usage errors
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
+from cli_runner import run_cli
 
 
 @pytest.mark.parametrize(

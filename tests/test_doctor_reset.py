@@ -10,10 +10,10 @@ import pytest
 from fake_pynvml import NVML_ERROR_NO_PERMISSION, FakeNVML
 
 from perseus_lightning.cli import gpu_args
-from perseus_lightning.cli.main import main
 from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.gpu import selection
 from perseus_lightning.gpu.emulated import ENV_DIR, ENV_UPDATE_PERIOD, EmulatedGPU
+from cli_runner import run_cli
 
 PERIOD = 0.02
 LOCK_CALLS = ("nvmlDeviceSetGpuLockedClocks", "nvmlDeviceResetGpuLockedClocks")
@@ -53,15 +53,6 @@ def as_user(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, euid: int, cap_eff:
     status.write_text(f"Name:\tpython\nCapInh:\t0000000000000000\nCapEff:\t{cap_eff}\n")
     monkeypatch.setattr(gpu_args.os, "geteuid", lambda: euid)
     monkeypatch.setattr(gpu_args, "PROC_STATUS", status)
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse's usage errors
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def doctor_json(capsys: pytest.CaptureFixture[str], *argv: str) -> dict:

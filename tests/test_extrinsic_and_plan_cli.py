@@ -7,14 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from perseus_lightning.cli.main import main
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.extrinsic import evaluate_straggler
-from perseus_lightning.core.gpu_model import A100_LIKE, example_profile
+from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.core.planner import Frontier, plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import simulate
+from cli_runner import run_cli
 
 P2P_POWER = 83.64
 NUM_RANKS = 3
@@ -84,20 +84,6 @@ def test_saving_grows_with_the_straggler_slowdown(frontier: Frontier, profile: P
 
 
 # --------------------------------------------------------------------------- CLI
-@pytest.fixture
-def example_csv(tmp_path: Path) -> Path:
-    path = tmp_path / "example.csv"
-    example_profile().save(path)
-    return path
-
-
-def run_cli(capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, str, str]:
-    try:
-        code = main(list(argv))
-    except SystemExit as exit_:  # argparse's --help and usage errors
-        code = int(exit_.code or 0)
-    out, err = capsys.readouterr()
-    return code, out, err
 
 
 def plan_args(profile_csv: Path, microbatches: int, output: Path, *extra: str) -> list[str]:

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.errors import PlanError
+from perseus_lightning.core.errors import PlanError, read_json
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.schedules import Instruction
 
@@ -77,12 +77,7 @@ class FrequencyPlan:
     def load(cls, path: str | Path, dag: InstructionDAG, index: int = 0) -> FrequencyPlan:
         """Read ``{"frequencies": ...}``, or plan ``index`` of a frontier file (``{"plans": [...]}``)."""
         path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"{path}: no such plan file. Fix: check the path.") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc}). Fix: write the plan with FrequencyPlan.save().") from None
+        doc = read_json(path, "plan", PlanError, "write the plan with FrequencyPlan.save() or `perseus plan`")
         if isinstance(doc, dict) and isinstance(doc.get("plans"), list):
             if not 0 <= index < len(doc["plans"]):
                 raise PlanError(f"{path}: has {len(doc['plans'])} plans, no plan {index}. Fix: pick 0..{len(doc['plans']) - 1}.")

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.errors import PlanError
+from perseus_lightning.core.errors import PlanError, read_json
 from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
@@ -115,12 +115,7 @@ class Frontier:
     @classmethod
     def load(cls, path: str | Path) -> Frontier:
         path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except FileNotFoundError:
-            raise PlanError(f"{path}: no such frontier file. Fix: create one with `perseus plan ... --output {path}`.") from None
-        except json.JSONDecodeError as exc:
-            raise PlanError(f"{path}: not valid JSON ({exc}). Fix: create it with `perseus plan`.") from None
+        doc = read_json(path, "frontier", PlanError, f"create the frontier with `perseus plan ... --output {path}`")
         needed = ("version", "schedule", "p2p_power", "baseline", "actions", "plans")
         if not isinstance(doc, dict) or any(key not in doc for key in needed):
             raise PlanError(f"{path}: not a frontier file (needs {', '.join(needed)}). Fix: create it with `perseus plan`.")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from perseus_lightning.core.errors import ProfileError
+from perseus_lightning.core.errors import ProfileError, read_json
 
 FORWARD = "forward"
 BACKWARD = "backward"
@@ -220,10 +220,7 @@ class Profile:
     @classmethod
     def from_json(cls, path: str | Path) -> Profile:
         path = Path(path)
-        try:
-            doc = json.loads(path.read_text())
-        except json.JSONDecodeError as exc:
-            raise ProfileError(f"{path}: not valid JSON ({exc}). Fix: write the file with Profile.save().") from None
+        doc = read_json(path, "profile", ProfileError, "write the file with Profile.save()")
         if not isinstance(doc, dict) or doc.get("format") != JSON_FORMAT or not isinstance(doc.get("instructions"), list):
             raise ProfileError(
                 f"{path}: not a Perseus profile (expected an object with \"format\": \"{JSON_FORMAT}\" and an "
