@@ -99,7 +99,7 @@ def profile_on_emulator(gpu: EmulatedGPU, attributor: EnergyAttributor, clocks: 
     while time.perf_counter() < deadline:
         for clock in rng.sample(clocks, len(clocks)):
             gpu.lock_clock(clock)
-            time.sleep(rng.uniform(0.0, host_s / 2))
+            time.sleep(rng.uniform(host_s / 2, host_s))  # idle gaps long enough to pin down the idle power
             before = gpu.true_energy_j()
             with attributor.track(clock), gpu.computing():
                 time.sleep(host_s)
