@@ -31,8 +31,8 @@ from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
-from perseus_lightning.core.simulator import earliest_schedule, simulate
-from perseus_lightning.core.slack import option_durations, reclaim_slack
+from perseus_lightning.core.simulator import simulate
+from perseus_lightning.core.slack import reclaim_slack
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -209,18 +209,15 @@ class _Sweep:
             [opt.cheapest_within(d * (1 + _ROUNDING_TOLERANCE)) for opt, d in zip(self.options, relaxed.durations)]
         )
         earlier = self._choices[id(seed)] if seed is not None else self.previous
-        seeds = [c for c in (rounded, earlier, self.fastest) if self._finishes_by(c, deadline)]
-        reclaimed = [reclaim_slack(self.dag, self.options, c, deadline) for c in seeds]
+        reclaimed = [
+            r for c in (rounded, earlier, self.fastest) if (r := reclaim_slack(self.dag, self.options, c, deadline)) is not None
+        ]
         results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
         best = int(np.argmin([r.energy for r in results]))
         plan = FrequencyPlan(tuple(results[best].frequencies.tolist()))
         found = FrontierPlan(results[best].iteration_time, results[best].energy, plan, relaxed.lower_bound)
         self.found.append(found)
         self._choices[id(found)] = self.previous = reclaimed[best]
-
-    def _finishes_by(self, choice: np.ndarray, deadline: float) -> bool:
-        _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
-        return bool(end.max() <= deadline * (1 + _ROUNDING_TOLERANCE))
 
 
 def _frequencies(options: list[ClockOptions], choice: np.ndarray) -> FrequencyPlan:

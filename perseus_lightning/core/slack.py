@@ -15,6 +15,8 @@ from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule
 
 _TOLERANCE = 1e-12
+DEADLINE_TOLERANCE = 1e-9
+"""How far past the deadline (relative) a starting choice may end: floating-point noise of the LP."""
 
 
 def option_durations(options: list[ClockOptions], choice: np.ndarray) -> np.ndarray:
@@ -22,12 +24,17 @@ def option_durations(options: list[ClockOptions], choice: np.ndarray) -> np.ndar
     return np.array([opt.time[k] for opt, k in zip(options, choice.tolist())])
 
 
-def reclaim_slack(dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray, deadline: float) -> np.ndarray:
+def reclaim_slack(
+    dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray, deadline: float
+) -> np.ndarray | None:
     """Option indices at least as slow (and as cheap) as ``choice``, finishing by ``deadline``.
 
-    ``choice`` must itself finish by ``deadline``.
+    ``None`` when ``choice`` itself does not finish by ``deadline`` (relative tolerance
+    ``DEADLINE_TOLERANCE``).
     """
-    start, _ = earliest_schedule(dag, option_durations(options, choice))
+    start, end = earliest_schedule(dag, option_durations(options, choice))
+    if end.max() > deadline * (1 + DEADLINE_TOLERANCE):
+        return None
     reclaimed = choice.copy()
     latest_start = np.full(dag.num_nodes, np.inf)
     successors = dag.successors
