@@ -118,11 +118,12 @@ def test_attribution_matches_the_emulators_truth(tmp_path) -> None:
         estimate = result.labels[clock]
         true_energy = float(np.mean(truth[clock]))
         assert estimate.count == len(truth[clock])
-        # The emulator's truth brackets each instruction with a few file reads, so the per-instruction error
-        # is that of the power estimate: ~0.5 % typical on 200 counter updates; 5 % holds on a loaded machine.
-        assert estimate.energy_j == pytest.approx(true_energy, rel=0.05), clock
-        assert estimate.power_w == pytest.approx(gpu.model.power(clock), rel=0.05)
-        assert 0 < estimate.energy_stderr_j < 0.05 * true_energy
+        # Typical error ~0.5 % on 200 counter updates (~2 % with the cores oversubscribed). A stalled sampler
+        # thread (a CI run once: +7 %) widens the reported standard error too, so the error is judged by it.
+        assert 0 < estimate.energy_stderr_j < 0.1 * true_energy
+        tolerance = max(0.03 * true_energy, 5 * estimate.energy_stderr_j)
+        assert estimate.energy_j == pytest.approx(true_energy, abs=tolerance), clock
+        assert estimate.power_w == pytest.approx(gpu.model.power(clock), abs=tolerance / estimate.mean_duration_s)
     assert result.idle_power_w == pytest.approx(gpu.model.blocking_power, rel=0.25)
 
 

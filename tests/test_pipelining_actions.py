@@ -7,10 +7,6 @@ and compare the DAG of the actions each rank actually ran with the DAG of the bu
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +16,7 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD
 from perseus_lightning.core.schedules import Instruction, PipelineSchedule, build_schedule, from_actions
 from perseus_lightning.integrations.pipelining import StageInstrumentation
+from torchrun import torchrun
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 WORKER = REPO_ROOT / "tests" / "distributed" / "pipelining_worker.py"
@@ -116,30 +113,13 @@ def test_nested_instrumentation_restores_the_outer_one() -> None:
     assert "forward_one_chunk" not in vars(stage)
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _launch(schedule: str, microbatches: int, virtual_stages: int, output: Path) -> subprocess.CompletedProcess[str]:
-    python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path}
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-        "--master-addr", "127.0.0.1", "--master-port", str(_free_port()),
-        str(WORKER), schedule, str(microbatches), str(output), "--virtual-stages", str(virtual_stages),
-    ]  # fmt: skip
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S, cwd=REPO_ROOT)
-
-
 def _observed_steps(schedule: str, microbatches: int, virtual_stages: int, output: Path) -> list[list[list[str]]]:
     """Per-step, per-rank observed actions; a job that dies at exit still counts if it wrote its result."""
-    for _attempt in range(2):  # ~1 in 30 gloo jobs aborts at exit or earlier; retry once
-        result = _launch(schedule, microbatches, virtual_stages, output)
-        if output.exists():
-            return json.loads(output.read_text())["steps"]
-    pytest.fail(f"worker wrote no result (exit code {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    args = [schedule, str(microbatches), str(output), "--virtual-stages", str(virtual_stages)]
+    result = torchrun(2, WORKER, args, timeout=LAUNCH_TIMEOUT_S, done=output.exists)
+    if not output.exists():
+        pytest.fail(f"worker wrote no result (exit code {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return json.loads(output.read_text())["steps"]
 
 
 def _edges(dag: InstructionDAG) -> set[tuple[Instruction, Instruction]]:

@@ -123,7 +123,7 @@ def test_every_exit_path_resets_the_clocks(ending: str, tmp_path: Path, gpu_dir:
     else:
         # The process reset its clocks itself and stood its watchdog down before exiting.
         assert locked_clocks(gpu_dir) == [None, None], worker.stderr
-        assert process_gone(worker.watchdog_pid)
+        assert wait_until(lambda: process_gone(worker.watchdog_pid), 10)  # it exits on its own, soon after
         assert WATCHDOG_RESET_MESSAGE not in worker.stderr
 
 
@@ -270,3 +270,16 @@ def test_watchdog_that_cannot_open_its_devices_is_reported(caplog: pytest.LogCap
     assert guard.watchdog_pid is None
     assert "the clock watchdog failed (exited with code 2)" in caplog.text
     guard.close()
+
+
+def test_a_closed_guards_handler_reinstalled_later_still_chains() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    guard = ClockGuard([EmulatedGPU(0)], watchdog=False)
+    ours = signal.getsignal(signal.SIGINT)
+    guard.close()
+    signal.signal(signal.SIGINT, ours)  # as Lightning's signal connector does at teardown, after on_exception closed us
+    try:
+        with pytest.raises(KeyboardInterrupt):  # not SIG_DFL, which would kill the process
+            signal.raise_signal(signal.SIGINT)
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -116,15 +116,20 @@ class Frontier:
     def load(cls, path: str | Path) -> Frontier:
         path = Path(path)
         doc = read_json(path, "frontier", PlanError, f"create the frontier with `perseus plan ... --output {path}`")
+        return cls.from_dict(doc, str(path))
+
+    @classmethod
+    def from_dict(cls, doc: object, source: str = "<frontier>") -> Frontier:
+        """The frontier of a :meth:`to_dict` document; errors name ``source``."""
         needed = ("version", "schedule", "p2p_power", "baseline", "actions", "plans")
         if not isinstance(doc, dict) or any(key not in doc for key in needed):
-            raise PlanError(f"{path}: not a frontier file (needs {', '.join(needed)}). Fix: create it with `perseus plan`.")
+            raise PlanError(f"{source}: not a frontier file (needs {', '.join(needed)}). Fix: create it with `perseus plan`.")
         if doc["version"] != FRONTIER_VERSION:
-            raise PlanError(f"{path}: frontier version {doc['version']}, this release reads {FRONTIER_VERSION}. Fix: re-plan.")
+            raise PlanError(f"{source}: frontier version {doc['version']}, this release reads {FRONTIER_VERSION}. Fix: re-plan.")
         dag = InstructionDAG.from_schedule(from_actions(doc["actions"], name=doc["schedule"]))
         plans = [
             FrontierPlan(float(p["iteration_time"]), float(p["energy"]),
-                         FrequencyPlan.from_rank_lists(dag, p["frequencies"], f"{path}, plan {i}"), p.get("lower_bound"))
+                         FrequencyPlan.from_rank_lists(dag, p["frequencies"], f"{source}, plan {i}"), p.get("lower_bound"))
             for i, p in enumerate(doc["plans"])
         ]
         baseline = doc["baseline"]

@@ -287,13 +287,20 @@ class Profile:
         else:
             self.to_csv(path)
 
+    def rows(self) -> list[tuple[int, str, int, float, float]]:
+        """``(stage, kind, frequency, time, energy)`` of every point, each instruction's fastest clock first."""
+        return [
+            (stage, kind, prof.frequencies[i], float(prof.time[i]), float(prof.energy[i]))
+            for (stage, kind), prof in self._entries.items()
+            for i in reversed(range(len(prof.frequencies)))
+        ]
+
     def to_csv(self, path: str | Path) -> None:
         with Path(path).open("w", newline="") as fh:
             writer = csv.writer(fh)
             writer.writerow(CSV_COLUMNS)
-            for (stage, kind), prof in self._entries.items():
-                for i in reversed(range(len(prof.frequencies))):
-                    writer.writerow([stage, kind, prof.frequencies[i], repr(float(prof.time[i])), repr(float(prof.energy[i]))])
+            for stage, kind, frequency, time, energy in self.rows():
+                writer.writerow([stage, kind, frequency, repr(time), repr(energy)])
 
     def to_json(self, path: str | Path) -> None:
         doc = {

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from contextlib import AbstractContextManager, nullcontext
 
 
 class GPUControlError(RuntimeError):
@@ -65,3 +66,8 @@ class GPUDevice(ABC):
     @abstractmethod
     def power_w(self) -> float:
         """Current power draw in watts."""
+
+    def computing(self) -> AbstractContextManager[None]:
+        """Mark the enclosed block as GPU work. A real GPU knows when it works, so this does
+        nothing; the emulated GPU uses it to stretch time and draw power."""
+        return nullcontext()

@@ -31,10 +31,11 @@ import tempfile
 import threading
 import time
 import uuid
+from collections import deque
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
@@ -63,6 +64,17 @@ def _update_period_from_env() -> float:
         return float(raw)
     except ValueError:
         raise GPUControlError(f"{ENV_UPDATE_PERIOD}={raw!r} is not a number. Fix: give seconds, e.g. 0.1.") from None
+
+
+class ComputeBlock(NamedTuple):
+    """One :meth:`EmulatedGPU.computing` block: ``time.perf_counter()`` times and the clock it ran at."""
+
+    start: float
+    end: float
+    clock_mhz: int
+
+
+COMPUTE_LOG_LENGTH = 100_000
 
 
 class EmulatedGPU(GPUDevice):
@@ -113,6 +125,8 @@ class EmulatedGPU(GPUDevice):
         self._clocks = tuple(sorted(model.frequencies, reverse=True))
         self._rng = np.random.default_rng(index if seed is None else seed)
         self._mutex = threading.Lock()
+        self._clock_version: tuple[int, int, int] | None = None  # of the state file whose clock is cached
+        self._clock: int | None = None
 
         self.state_path.parent.mkdir(parents=True, exist_ok=True)
         with self._file_lock():
@@ -130,6 +144,9 @@ class EmulatedGPU(GPUDevice):
         self._counter_j = self._tick_true_j = start_j
         self._active = 0
         self._computed = False
+        self._open_blocks: list[list[tuple[float, int]]] = []  # (time, clock) changes of each running block
+        self.compute_log: deque[ComputeBlock] = deque(maxlen=COMPUTE_LOG_LENGTH)
+        """This process's latest compute blocks on the device, oldest first: the emulator's event log."""
 
     def __repr__(self) -> str:
         return f"EmulatedGPU(index={self.index}, model={self.model.name!r}, state={str(self.state_path)!r})"
@@ -143,8 +160,16 @@ class EmulatedGPU(GPUDevice):
         return self._clocks
 
     def locked_clock(self) -> int | None:
-        state = self._read_state()
-        return None if state is None else state.get("locked_clock_mhz")
+        """The state file's locked clock; the file is re-read only when it was replaced (one ``stat``)."""
+        try:
+            stat = self.state_path.stat()
+        except FileNotFoundError:
+            return None
+        version = (stat.st_ino, stat.st_mtime_ns, stat.st_size)
+        if version != self._clock_version:
+            state = self._read_state()
+            self._clock_version, self._clock = version, None if state is None else state.get("locked_clock_mhz")
+        return self._clock
 
     def lock_clock(self, mhz: int) -> None:
         if self._observe_only:
@@ -155,38 +180,62 @@ class EmulatedGPU(GPUDevice):
                 f"{self._clocks[-1]}-{self._clocks[0]} MHz ({len(self._clocks)} clocks, see supported_clocks())."
             )
         self._update_state(locked_clock_mhz=int(mhz))
+        self._clock_changed(int(mhz))
 
     def reset_clock(self) -> None:
         if self._observe_only:
             return
         self._update_state(locked_clock_mhz=None)
+        self._clock_changed(self.model.max_frequency)
+
+    def _clock_changed(self, clock: int) -> None:
+        """The new clock takes effect at once, also for the compute blocks running now (as on a GPU)."""
+        with self._mutex:
+            now = time.monotonic()
+            self._advance(now)
+            for segments in self._open_blocks:
+                segments.append((now, clock))
+            if self._active:
+                self._power = self.model.power(clock)
 
     # --------------------------------------------------------------- compute
     @contextmanager
     def computing(self) -> Iterator[None]:
         """Mark the enclosed block as GPU work at the current clock (the locked one, else max).
 
-        On exit, sleeps the extra time the work takes at that clock and slowdown:
+        On exit, sleeps the extra time the work takes at its clock and slowdown:
         ``host_time * (time_factor(clock) * slowdown - 1)``. Power is the model's at that clock
-        from entry until the sleep ends. Blocks may overlap from several threads.
+        from entry until the sleep ends. A clock this instance locks while the block runs takes
+        effect at once: the host time is then split by clock (as a real GPU changes clock
+        mid-kernel), and the block is logged with the clock it spent most of its host time at.
+        Blocks may overlap from several threads.
         """
         clock = self.locked_clock() or self.model.max_frequency
-        stretch = self.model.time_factor(clock) * self.slowdown
+        logged_start = time.perf_counter()
         start = time.monotonic()
+        segments = [(start, clock)]
         with self._mutex:
             self._advance(start)
             self._power = self.model.power(clock)
             self._active += 1
             self._computed = True
+            self._open_blocks.append(segments)
         try:
             yield
         finally:
-            time.sleep(max(0.0, (time.monotonic() - start) * (stretch - 1.0)))
+            host_end = time.monotonic()
+            with self._mutex:
+                self._open_blocks.remove(segments)
+                spans = [(b - a, c) for (a, c), (b, _) in zip(segments, [*segments[1:], (host_end, 0)])]
+            extra = sum(span * (self.model.time_factor(c) * self.slowdown - 1.0) for span, c in spans)
+            time.sleep(max(0.0, extra))
             with self._mutex:
                 self._advance(time.monotonic())
                 self._active -= 1
                 if self._active == 0:
                     self._power = self.model.blocking_power
+            dominant = max(spans, key=lambda span: span[0])[1]
+            self.compute_log.append(ComputeBlock(logged_start, time.perf_counter(), dominant))
 
     def compute_window(self, host_seconds: float) -> float:
         """Emulate work that takes ``host_seconds`` at max clock; returns its emulated duration (s)."""

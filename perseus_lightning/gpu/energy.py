@@ -13,7 +13,8 @@ update period. A sampler thread polls the counter and keeps the estimated time o
                  + idle_power * (time in tick interval k not covered by any instruction)
 
 and solved for non-negative powers by least squares (``scipy.optimize.nnls``). A label's energy
-per instruction is its power times its mean recorded duration.
+per instruction is its power times its mean recorded duration. The regression alone is
+:func:`attribute_energy`, for any counter's updates (a benchmark's virtual-time counter, say).
 
 Profiling budget: an update's instant is known only to within the gap between two reads (one
 poll interval plus one read: ~1 ms on the emulator, ~5 ms with an H200's 4 ms reads), so each
@@ -203,39 +204,7 @@ class EnergyAttributor:
     def estimate(self) -> EnergyAttribution:
         """Solve the regression over all ticks and records so far (raises ``ValueError`` without enough data)."""
         tick_times, values = self.ticks
-        intervals_by_label: dict[Hashable, list[tuple[float, float]]] = defaultdict(list)
-        for label, start, end in list(self._records):
-            intervals_by_label[label].append((start, end))
-        labels = list(intervals_by_label)
-        if len(tick_times) < len(labels) + 2:
-            raise ValueError(f"{len(tick_times)} counter updates seen; need more than {len(labels) + 1} for {len(labels)} labels")
-        origin = tick_times[0]  # keeps the coverage sums exact in float64
-        boundaries = tick_times - origin
-        columns = []
-        durations: dict[Hashable, np.ndarray] = {}
-        for label in labels:
-            intervals = np.array(intervals_by_label[label]) - origin
-            if np.any(intervals[:, 1] < intervals[:, 0]):
-                raise ValueError(f"an interval of label {label!r} ends before it starts")
-            durations[label] = intervals[:, 1] - intervals[:, 0]
-            columns.append(np.diff(_coverage(intervals[:, 0], intervals[:, 1], boundaries)))
-        busy = np.column_stack(columns) if columns else np.empty((len(boundaries) - 1, 0))
-        idle = np.clip(np.diff(boundaries) - busy.sum(axis=1), 0.0, None)
-        design = np.column_stack([busy, idle])
-        energy = np.diff(values)
-        seen = design.sum(axis=0) > 0  # a label (or idle time) no counter interval saw stays undetermined
-        powers, stderr = np.full(design.shape[1], np.nan), np.full(design.shape[1], np.inf)
-        powers[seen], residual_norm = nnls(design[:, seen], energy)
-        stderr[seen] = _standard_errors(design[:, seen], residual_norm)
-        return EnergyAttribution(
-            labels={
-                label: LabelEnergy(float(powers[i]), float(stderr[i]), float(durations[label].mean()), len(durations[label]))
-                for i, label in enumerate(labels)
-            },
-            idle_power_w=float(powers[-1]),
-            counter_intervals=len(energy),
-            residual_rms_j=float(residual_norm / np.sqrt(len(energy))),
-        )
+        return attribute_energy(tick_times, values, list(self._records))
 
     def _poll(self) -> None:
         try:
@@ -267,6 +236,51 @@ class EnergyAttributor:
         before = time.perf_counter()
         value = self.device.energy_j()
         return (before + time.perf_counter()) / 2, value
+
+
+def attribute_energy(
+    tick_times: np.ndarray, tick_values: np.ndarray, records: Sequence[tuple[Hashable, float, float]]
+) -> EnergyAttribution:
+    """Attribute an energy counter to labelled instruction intervals (see the module docstring).
+
+    ``tick_times`` are the times of the counter's updates (ascending) and ``tick_values`` its
+    readings then (J); ``records`` are ``(label, start, end)`` intervals on the same clock, not
+    overlapping, with unrecorded time counted as idle. Raises ``ValueError`` with too few updates
+    for the labels, or for an interval that ends before it starts.
+    """
+    intervals_by_label: dict[Hashable, list[tuple[float, float]]] = defaultdict(list)
+    for label, start, end in records:
+        intervals_by_label[label].append((start, end))
+    labels = list(intervals_by_label)
+    if len(tick_times) < len(labels) + 2:
+        raise ValueError(f"{len(tick_times)} counter updates seen; need more than {len(labels) + 1} for {len(labels)} labels")
+    origin = tick_times[0]  # keeps the coverage sums exact in float64
+    boundaries = tick_times - origin
+    columns = []
+    durations: dict[Hashable, np.ndarray] = {}
+    for label in labels:
+        intervals = np.array(intervals_by_label[label]) - origin
+        if np.any(intervals[:, 1] < intervals[:, 0]):
+            raise ValueError(f"an interval of label {label!r} ends before it starts")
+        durations[label] = intervals[:, 1] - intervals[:, 0]
+        columns.append(np.diff(_coverage(intervals[:, 0], intervals[:, 1], boundaries)))
+    busy = np.column_stack(columns) if columns else np.empty((len(boundaries) - 1, 0))
+    idle = np.clip(np.diff(boundaries) - busy.sum(axis=1), 0.0, None)
+    design = np.column_stack([busy, idle])
+    energy = np.diff(tick_values)
+    seen = design.sum(axis=0) > 0  # a label (or idle time) no counter interval saw stays undetermined
+    powers, stderr = np.full(design.shape[1], np.nan), np.full(design.shape[1], np.inf)
+    powers[seen], residual_norm = nnls(design[:, seen], energy)
+    stderr[seen] = _standard_errors(design[:, seen], residual_norm)
+    return EnergyAttribution(
+        labels={
+            label: LabelEnergy(float(powers[i]), float(stderr[i]), float(durations[label].mean()), len(durations[label]))
+            for i, label in enumerate(labels)
+        },
+        idle_power_w=float(powers[-1]),
+        counter_intervals=len(energy),
+        residual_rms_j=float(residual_norm / np.sqrt(len(energy))),
+    )
 
 
 def _coverage(starts: np.ndarray, ends: np.ndarray, at: np.ndarray) -> np.ndarray:

@@ -152,7 +152,8 @@ class ClockGuard:
         for signum, previous in self._previous_handlers.items():
             if signal.getsignal(signum) == self._on_signal:  # another handler installed since stays
                 signal.signal(signum, previous)
-        self._previous_handlers.clear()
+        # _previous_handlers is kept: a framework that saved this guard's handler may reinstall it
+        # later (Lightning restores its saved handlers at teardown), and it must still chain.
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         """Reset the clocks (bounded wait), then act as the previous handler would have."""

@@ -1,0 +1,1 @@
+"""The framework-free training runtime shared by the Lightning and Accelerate integrations."""
