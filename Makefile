@@ -4,8 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
+DOCS_INSTALLED := $(VENV)/.docs-installed
 
-.PHONY: demo test bench clean
+.PHONY: demo test bench docs clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -13,8 +14,14 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/pip install --quiet -e '.[test]'
 	touch $(INSTALLED)
 
+# The main job: the GPT recipe on 4 processes (2 pipelines x 2 stages) with emulated GPUs. Ranks 2-3
+# (pipeline 1) are throttled 1.6x during iterations 110-135: a straggler episode.
+DEMO_DIR := perseus-demo
 demo: $(INSTALLED)
-	$(BIN)/perseus demo
+	$(BIN)/torchrun --nproc-per-node 4 recipes/gpt_lightning.py --pp 2 --dp 2 --steps 150 \
+		--perseus-config recipes/perseus-cpu.yaml \
+		--straggler-rank 2 --straggler-rank 3 --straggler-slowdown 1.6 --straggler-steps 110:135 \
+		--summary $(DEMO_DIR)/summary.json --plots $(DEMO_DIR)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
@@ -25,6 +32,14 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/simulator.py
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/gpu_control.py
+
+# The site's build dependencies (the `docs` extra) go into the same .venv; torch stays at 2.13.0.
+$(DOCS_INSTALLED): $(INSTALLED) pyproject.toml
+	$(BIN)/pip install --quiet torch==2.13.0 -e '.[docs]'
+	touch $(DOCS_INSTALLED)
+
+docs: $(DOCS_INSTALLED)
+	$(BIN)/mkdocs build --strict --site-dir site
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -207,6 +207,7 @@ def parse_args() -> argparse.Namespace:
         help="straggle during iterations [A, B) (default: all)",
     )
     parser.add_argument("--summary", type=Path, help="write the run summary (JSON) here")
+    parser.add_argument("--plots", type=Path, help="write the frontier and the deployed plan's timeline (PNG) here")
     args = parser.parse_args()
 
     args.pp = args.pp or max(world // args.dp, 1)
@@ -306,13 +307,38 @@ def print_report(summary: dict[str, Any]) -> None:
         if summary.get("saving_pct") is not None:
             table.add_row("energy saving per iteration", f"{summary['saving_pct']:.1f} %")
         table.add_row("profiling iterations", str(summary.get("profiling_iterations", 0)))
-        for rank, clocks in enumerate(plan["frequencies"] if plan else []):
-            if clocks:
-                mhz = f"{min(clocks):.0f} / {statistics.fmean(clocks):.0f} / {max(clocks):.0f} MHz"
-                table.add_row(f"rank {rank} planned clock min / mean / max", mhz)
-        table.add_row("straggler episodes", str(len(summary.get("straggler_episodes", []))))
+        for rank, entries in enumerate(plan["frequencies"] if plan else []):
+            clocks = [entry[-1] for entry in entries]  # [kind, (microbatch, (stage,)) MHz]
+            mhz = f"{min(clocks):.0f} / {statistics.fmean(clocks):.0f} / {max(clocks):.0f} MHz"
+            table.add_row(f"pipeline rank {rank}: planned clock min / mean / max", mhz)
+        for episode in summary.get("straggler_episodes", []):
+            table.add_row(
+                f"straggler episode, iterations {episode['start_iteration']}-{episode['end_iteration'] or '...'}",
+                f"pipeline {episode['pipeline']} up to {episode['peak_slowdown']:.2f}x slower",
+            )
+            if episode.get("energy_j") is not None:
+                table.add_row("  during it: iteration time / energy",
+                              f"{episode['iteration_time_s'] * 1e3:.1f} ms / {episode['energy_j']:.1f} J")
+            table.add_row("  others' saving vs waiting at full speed (model)", f"{episode['predicted_saving_pct']:.1f} %")
     table.columns[1].justify = "right"
     Console().print(table)
+
+
+def write_plots(callback: Any, directory: Path) -> list[Path]:
+    """The frontier planned from the in-situ profile, and the simulated timeline of the fastest plan."""
+    from perseus_lightning.core.simulator import simulate
+    from perseus_lightning.plots import plot_frontier, plot_timeline
+
+    runtime = callback.runtime if callback else None
+    if runtime is None or runtime.frontier is None or runtime.profile is None:
+        return []
+    frontier = runtime.frontier
+    directory.mkdir(parents=True, exist_ok=True)
+    planned = simulate(frontier.dag, runtime.profile, frontier.p2p_power, frontier.fastest.plan)
+    return [
+        plot_frontier(frontier, directory / "frontier.png", title="Frontier planned from the in-situ profile"),
+        plot_timeline(planned, directory / "timeline.png", title="Deployed plan (simulated on the in-situ profile)"),
+    ]
 
 
 def main() -> None:
@@ -341,7 +367,11 @@ def main() -> None:
     if trainer.global_rank == 0:
         print_report(summary)
         if args.summary:
+            args.summary.parent.mkdir(parents=True, exist_ok=True)
             args.summary.write_text(json.dumps(summary, indent=2))
+        if args.plots:
+            for path in write_plots(callback, args.plots):
+                print(f"wrote {path}")
     dist.barrier()
     if emulated_dir is not None and trainer.local_rank == 0:
         shutil.rmtree(emulated_dir, ignore_errors=True)

@@ -239,3 +239,19 @@ def test_bad_env_values_are_reported(monkeypatch: pytest.MonkeyPatch, name: str,
 def test_unknown_backend_argument() -> None:
     with pytest.raises(GPUControlError, match="nvml, emulated"):
         selection.open_devices("rocm")
+
+
+def test_a_clock_locked_mid_block_applies_from_then_on(tmp_path: Path) -> None:
+    gpu = EmulatedGPU(0, state_dir=tmp_path, noise=0.0)
+    low = min(gpu.supported_clocks())
+    with gpu.computing():  # 20 ms of work at max clock, then 60 ms of work at the low clock
+        time.sleep(0.02)
+        gpu.lock_clock(low)
+        time.sleep(0.06)
+    block = gpu.compute_log[-1]
+    assert block.clock_mhz == low  # the clock it spent most of its time at
+    expected = 0.02 + 0.06 * gpu.model.time_factor(low)
+    assert block.end - block.start == pytest.approx(expected, rel=0.15)
+    with gpu.computing():
+        time.sleep(0.01)
+    assert gpu.compute_log[-1].clock_mhz == low  # the lock stays

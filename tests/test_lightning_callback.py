@@ -19,6 +19,7 @@ from perseus_lightning.integrations.lightning import PerseusCallback
 from perseus_lightning.runtime.config import ConfigError
 
 WORKER = Path(__file__).parent / "distributed" / "lightning_worker.py"
+DDP_WORKER = Path(__file__).parent / "distributed" / "ddp_worker.py"
 FAST_PROFILING = {"max_clocks": 4, "iterations_per_clock": 2}
 
 
@@ -166,10 +167,11 @@ def test_lightning_cli_configures_the_callback(tmp_path) -> None:
 
 
 # ---------------------------------------------------------------- multi-process (gloo)
-def run_worker(tmp_path: Path, processes: int, pp: int, steps: int, callback: dict, timeout: float = 240) -> list[dict]:
+def run_worker(tmp_path: Path, processes: int, pp: int, steps: int, callback: dict, timeout: float = 240,
+               worker: Path = WORKER) -> list[dict]:
     output = tmp_path / "out"
-    args = [str(output), "--pp", str(pp), "--steps", str(steps), "--callback", json.dumps(callback)]
-    result = torchrun(processes, WORKER, args, timeout=timeout, done=lambda: len(list(output.glob("rank*.json"))) == processes)
+    args = [str(output), "--steps", str(steps), "--callback", json.dumps(callback), *(["--pp", str(pp)] if pp else [])]
+    result = torchrun(processes, worker, args, timeout=timeout, done=lambda: len(list(output.glob("rank*.json"))) == processes)
     results = sorted(output.glob("rank*.json"))
     assert len(results) == processes, result.stderr[-4000:]
     return [json.loads(path.read_text()) for path in results]
@@ -202,15 +204,30 @@ def test_two_stage_pipeline_saves_energy_at_baseline_speed(tmp_path) -> None:
 def test_a_straggler_pipeline_slows_the_other_and_recovery_restores_it(tmp_path) -> None:
     callback = {
         "cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 3, "deploy_iterations": 4,
-        "profiling": FAST_PROFILING, "straggler": {"threshold": 0.15, "patience": 2, "recovery": 0.1},
-        "emulation": {"straggler_ranks": [2, 3], "straggler_slowdown": 1.6, "straggler_iterations": [55, 75]},
+        "profiling": FAST_PROFILING, "straggler": {"threshold": 0.3, "patience": 3, "recovery": 0.1},
+        "emulation": {"straggler_ranks": [2, 3], "straggler_slowdown": 1.8, "straggler_iterations": [55, 75]},
     }
     ranks = run_worker(tmp_path, processes=4, pp=2, steps=95, callback=callback, timeout=400)
     summary = ranks[0]["summary"]
     episodes = summary["straggler_episodes"]
-    assert len(episodes) == 1, episodes
-    episode = episodes[0]
-    assert episode["pipeline"] == 1 and 55 <= episode["start_iteration"] <= 62
-    assert episode["plan_iteration_time_s"] > 1.05 * summary["plan"]["iteration_time_s"]
+    # 4 processes share 2 cores, so CPU time-sharing alone may make a short episode too: find the throttling's.
+    episode = next(e for e in episodes if e["pipeline"] == 1 and 55 <= e["start_iteration"] <= 62)
+    assert episode["plan_iteration_time_s"] > 1.05 * summary["fastest_iteration_time_s"]  # pipeline 0 paced itself
     assert episode["end_iteration"] is not None and 75 <= episode["end_iteration"] <= 85
-    assert ranks[2]["summary"]["straggler_episodes"] == []  # the straggler itself runs its fastest plan
+    assert episode["energy_j"] > 0 and episode["predicted_saving_pct"] > 0
+    assert all(rank["summary"]["straggler_episodes"] == episodes for rank in ranks)  # every rank agrees
+
+
+@pytest.mark.distributed
+def test_ddp_ranks_slow_down_to_a_straggling_rank(tmp_path) -> None:
+    callback = {
+        "cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 4, "deploy_iterations": 4,
+        "profiling": FAST_PROFILING, "straggler": {"threshold": 0.2, "patience": 2, "recovery": 0.1},
+        "emulation": {"straggler_ranks": [1], "straggler_slowdown": 1.5, "straggler_iterations": [45, 60]},
+    }
+    ranks = run_worker(tmp_path, processes=2, pp=0, steps=70, callback=callback, worker=DDP_WORKER)
+    episode = ranks[0]["summary"]["straggler_episodes"][0]
+    assert episode["pipeline"] == 1 and 45 <= episode["start_iteration"] <= 52
+    assert episode["end_iteration"] is not None and 60 <= episode["end_iteration"] <= 68
+    assert episode["plan_iteration_time_s"] > ranks[0]["summary"]["fastest_iteration_time_s"]  # rank 0 paced itself
+    assert all(rank["summary"]["straggler_episodes"][0] == episode for rank in ranks)

@@ -102,3 +102,22 @@ def test_recipe_trains_a_two_stage_pipeline(schedule: str, tmp_path: Path) -> No
     assert len(loss) == steps and all(math.isfinite(x) for x in loss)
     assert loss[-1] < loss[0] - 0.3  # the Zipf-like token frequencies are learnt within a few steps
     assert len(recipe["iteration_times_s"]) == steps and recipe["median_iteration_time_s"] > 0
+
+
+@pytest.mark.distributed
+def test_recipe_on_four_processes_reports_the_measured_saving(tmp_path: Path) -> None:
+    config = tmp_path / "perseus.yaml"
+    config.write_text(
+        "gpu_backend: emulated\ncache_dir: null\nbaseline_iterations: 4\ndeploy_iterations: 4\n"
+        "profiling: {max_clocks: 4, iterations_per_clock: 2}\nstraggler: {threshold: 0.3, patience: 3, recovery: 0.1}\n"
+    )
+    summary_path = tmp_path / "summary.json"
+    args = ["--summary", str(summary_path), "--pp", "2", "--dp", "2", "--steps", "45", "--perseus-config", str(config)]
+    result = torchrun(4, RECIPES / "gpt_lightning.py", args, timeout=LAUNCH_TIMEOUT_S * 2, done=summary_path.exists,
+                      env={"PERSEUS_EMULATED_GPU_UPDATE_PERIOD": "0.02"})
+    assert summary_path.exists(), result.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["phase"] == "monitor" and summary["profiling_iterations"] > 0
+    assert summary["baseline"]["energy_j"] > 0 and summary["deployed"]["energy_j"] > 0
+    assert math.isfinite(summary["saving_pct"])
+    assert len(summary["plan"]["frequencies"]) == 2  # one list per pipeline rank

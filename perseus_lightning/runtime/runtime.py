@@ -46,6 +46,7 @@ import numpy as np
 
 from perseus_lightning.core.errors import PerseusInputError
 from perseus_lightning.core.planner import Frontier, FrontierPlan
+from perseus_lightning.core.profile import FORWARD, Profile
 from perseus_lightning.core.schedules import Instruction, parse_action
 from perseus_lightning.gpu.device import GPUDevice, PerseusGPUWarning
 from perseus_lightning.runtime.collectives import Collectives, LocalCollectives
@@ -82,9 +83,18 @@ class StragglerEpisode:
 
     start_iteration: int
     pipeline: int | None
+    """The straggling pipeline (``None``: announced by :meth:`PerseusRuntime.announce_straggler`)."""
     slowdown: float
     plan_iteration_time_s: float
+    """The planned iteration time of the other pipelines' plan, ``min(T', T*)``."""
     end_iteration: int | None = None
+    peak_slowdown: float = 1.0
+    """The largest slowdown followed during the episode (``slowdown`` is the latest)."""
+    predicted_saving_pct: float | None = None
+    """Model: the other pipelines' saving against running their fastest plan and waiting."""
+    iteration_time_s: float | None = None
+    """Measured over the episode: median iteration time, and energy per iteration of every GPU."""
+    energy_j: float | None = None
 
 
 @dataclass
@@ -151,6 +161,8 @@ class PerseusRuntime:
         self.baseline: Measured | None = None
         self.deployed: Measured | None = None
         self.frontier: Frontier | None = None
+        self.profile: Profile | None = None
+        """The profile the frontier was planned on (in situ, or from the cache)."""
         self.plan: FrontierPlan | None = None
         self.profiling_iterations = 0
         self.straggler_episodes: list[StragglerEpisode] = []
@@ -169,7 +181,6 @@ class PerseusRuntime:
         self._order: list[Instruction] = []
         self._observed: list[Instruction] | None = None
         self._iteration_start = 0.0
-        self._compute_end = 0.0
         self._instruction_start = 0.0
         self._clock: int | None = None  # the clock this rank runs at, outside deployment
         self._clock_time: dict[int, float] = {}  # busy seconds by requested clock, this iteration
@@ -181,9 +192,12 @@ class PerseusRuntime:
         self._window: _Window | None = None
         self._metric_window: _Window | None = None
         self._metric_energy: float = math.nan
-        self._reference_time: np.ndarray | None = None  # per pipeline: measured compute time of the fastest plan
-        self._deploy_times: list[np.ndarray] = []
+        self._forward_busy = 0.0  # seconds of forward instructions this iteration
+        self._expected_forward = math.nan  # the deployed plan's forward seconds per iteration, by the profile
+        self._pace_samples: list[np.ndarray] = []  # every rank's forward pace while deploying, to calibrate
+        self._calibration: np.ndarray | None = None  # every rank's measured / profiled forward time, fastest plan
         self._straggler_slowdown: float | None = None
+        self._episode_window: _Window | None = None
         self._last_metrics: dict[str, float] = {}
         self._controlling = False  # every rank controls its clocks (decided after warm-up)
         self._computing: Any = None  # the open emulated-compute block of the running instruction
@@ -247,7 +261,8 @@ class PerseusRuntime:
             return
         self._order = []
         self._clock_time = {}
-        self._iteration_start = self._compute_end = time.perf_counter()
+        self._forward_busy = 0.0
+        self._iteration_start = time.perf_counter()
         if self._failed:
             return
         try:
@@ -288,7 +303,8 @@ class PerseusRuntime:
                 self._computing = None
                 end = time.perf_counter()
             self._order.append(instruction)
-            self._compute_end = end
+            if instruction.kind == FORWARD:
+                self._forward_busy += end - self._instruction_start
             clock = self._planned.get(instruction) if self.phase in ("deploy", "monitor") and self._planned else self._clock
             if clock is not None:
                 self._clock_time[clock] = self._clock_time.get(clock, 0.0) + end - self._instruction_start
@@ -312,14 +328,12 @@ class PerseusRuntime:
         except Exception as error:  # noqa: BLE001
             self._fail(f"synchronising the device failed: {error}")
         now = time.perf_counter()
-        compute_time = self._compute_end - self._iteration_start
+        pace = self._forward_busy / self._expected_forward if self._expected_forward > 0 else math.nan
         mean_clock = (
             sum(c * t for c, t in self._clock_time.items()) / sum(self._clock_time.values()) if self._clock_time else math.nan
         )
         energy = self._close_metric_window(now)
-        plan_stretch = self.plan.iteration_time / self.frontier.fastest.iteration_time if self.plan and self.frontier else 1.0
-        row = [compute_time, float(self._profile_done), float(self._failed), energy, mean_clock, now - self._iteration_start,
-               plan_stretch]
+        row = [pace, float(self._profile_done), float(self._failed), energy, mean_clock, now - self._iteration_start]
         try:
             table = self.collectives.all_gather_floats(row)
         except Exception as error:  # noqa: BLE001 - a broken process group is not ours to raise
@@ -365,9 +379,10 @@ class PerseusRuntime:
             "baseline": self.baseline.to_dict() if self.baseline else None,
             "deployed": self.deployed.to_dict() if self.deployed else None,
             "frontier": self.frontier.to_dict() if self.frontier else None,
+            "profile_rows": self.profile.rows() if self.profile else None,
             "profiling_iterations": self.profiling_iterations,
             "straggler_episodes": [vars(e).copy() for e in self.straggler_episodes],
-            "reference_time": self._reference_time.tolist() if self._reference_time is not None else None,
+            "calibration": self._calibration.tolist() if self._calibration is not None else None,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -380,8 +395,8 @@ class PerseusRuntime:
         self.deployed = Measured(**state["deployed"]) if state.get("deployed") else None
         self.profiling_iterations = int(state.get("profiling_iterations", 0))
         self.straggler_episodes = [StragglerEpisode(**e) for e in state.get("straggler_episodes", [])]
-        if state.get("reference_time") is not None:
-            self._reference_time = np.asarray(state["reference_time"], dtype=float)
+        if state.get("calibration") is not None:
+            self._calibration = np.asarray(state["calibration"], dtype=float)
 
     def summary(self) -> dict[str, Any]:
         """Baseline vs deployed (measured), the saving, the profiling cost and the plan."""
@@ -405,6 +420,7 @@ class PerseusRuntime:
             ),
             "plan": plan,
             "frontier_plans": len(self.frontier.plans) if self.frontier else 0,
+            "fastest_iteration_time_s": self.frontier.fastest.iteration_time if self.frontier else None,
             "straggler_episodes": [vars(e).copy() for e in self.straggler_episodes],
             "metrics": dict(self._last_metrics),
         }
@@ -440,13 +456,13 @@ class PerseusRuntime:
             if bool(np.all(table[:, 1] > 0)):
                 self._plan()
         elif self.phase == "deploy":
-            self._deploy_times.append(self._pipeline_times(table))
+            self._pace_samples.append(table[:, 0].copy())
             if self._in_phase >= max(1, self.config.deploy_iterations):
                 self.deployed = self._close_window(now)
-                self._reference_time = np.median(np.array(self._deploy_times), axis=0)
+                self._calibration = np.median(np.array(self._pace_samples), axis=0)
                 self._enter("monitor")
         elif self.phase == "monitor":
-            self._follow_stragglers(table)
+            self._follow_stragglers(table, now)
 
     def _enter(self, phase: str) -> None:
         logger.info("Perseus rank %d: %s -> %s at iteration %d", self.collectives.rank, self.phase, phase, self.iteration)
@@ -480,13 +496,15 @@ class PerseusRuntime:
         payload = None
         if self.config.mode == "apply":  # the same decision on every rank: the lookup is collective
             restored = (self._restored or {}).get("frontier")
-            payload = {"frontier": restored} if restored else self._cache_lookup()
+            payload = {"frontier": restored, "profile_rows": self._restored.get("profile_rows")} if restored else self._cache_lookup()
         if not self._controlling:
             payload = None
         if payload is not None:
             frontier = Frontier.from_dict(payload["frontier"], "<cached frontier>")
             if frontier.dag.schedule.actions() == self._layout.actions:
                 self.frontier = frontier
+                if payload.get("profile_rows"):
+                    self.profile = Profile.from_rows(payload["profile_rows"], source="<cached profile>")
             else:
                 self._warn("the cached or restored plan was made for another instruction order; profiling again")
         self._clock = self._max_clock() if self._controlling else None
@@ -577,12 +595,12 @@ class PerseusRuntime:
         if "error" in result:
             raise RuntimeError(f"planning failed: {result['error']}")
         self.frontier = Frontier.from_dict(result["frontier"], "<planned frontier>")
+        self.profile = Profile.from_rows(result["profile_rows"], source="<in-situ profile>")
         self._deploy(self.frontier.fastest)
 
     def _plan_on_rank_zero(self, everyone: list[dict[str, Any]]) -> dict[str, Any]:
         from perseus_lightning.core.dag import InstructionDAG
         from perseus_lightning.core.planner import plan_frontier
-        from perseus_lightning.core.profile import Profile
         from perseus_lightning.core.schedules import from_actions
 
         assert self._layout is not None
@@ -614,47 +632,81 @@ class PerseusRuntime:
         nodes = list(dag.rank_nodes(self._layout.pipeline_rank))
         order = [dag.instructions[n] for n in nodes]
         self._planned = {ins: int(plan.plan.frequencies[n]) for ins, n in zip(order, nodes)}
+        if self.profile is not None:
+            self._expected_forward = sum(
+                self.profile.get(ins.stage, ins.kind).at(clock)[0] for ins, clock in self._planned.items() if ins.kind == FORWARD
+            )
         self._next_clock = {ins: self._planned[order[(i + 1) % len(order)]] for i, ins in enumerate(order)}
         if self._setter is not None and order:
             self._setter.request(self._planned[order[0]])
         if first:
             self._window = None
-            self._deploy_times = []
+            self._pace_samples = []
             self._enter("deploy" if self.deployed is None else "monitor")
 
-    def _follow_stragglers(self, table: np.ndarray) -> None:
-        """Share pipelines' slowdowns; deploy the plan for ``min(T', T*)`` while another pipeline straggles."""
-        if self.frontier is None or self.plan is None or self._reference_time is None or self._layout is None:
-            return  # nothing deployed (observe mode), so nothing to follow
-        # Each pipeline against its own plan: one that slowed down on purpose is no straggler.
-        stretch = np.array([max(table[r, 6] for r in ranks) for ranks in self._layout.pipelines])
-        slowdown = self.detector.update(list(self._pipeline_times(table) / (self._reference_time * stretch)))
-        straggler = self.detector.straggler
-        own = straggler is not None and straggler == self._layout.pipeline
-        target = None if slowdown is None or own else slowdown
-        if target == self._straggler_slowdown:
-            return
-        if self.straggler_episodes and self.straggler_episodes[-1].end_iteration is None and (
-            target is None or straggler != self.straggler_episodes[-1].pipeline
-        ):
-            self.straggler_episodes[-1].end_iteration = self.iteration
-        self._straggler_slowdown = target
-        if target is None:
-            self._deploy(self.frontier.fastest)
-            return
-        deadline = min(target, self.config.max_slowdown) * self.frontier.fastest.iteration_time
-        plan = self.frontier.for_straggler(deadline)
-        self._deploy(plan)
-        if not self.straggler_episodes or self.straggler_episodes[-1].end_iteration is not None:
-            self.straggler_episodes.append(StragglerEpisode(self.iteration, straggler, float(target), plan.iteration_time))
-        else:
-            episode = self.straggler_episodes[-1]
-            episode.slowdown, episode.plan_iteration_time_s = float(target), plan.iteration_time
+    def _follow_stragglers(self, table: np.ndarray, now: float) -> None:
+        """Share pipelines' slowdowns; deploy the plan for ``min(T', T*)`` while another pipeline straggles.
 
-    def _pipeline_times(self, table: np.ndarray) -> np.ndarray:
-        """Each pipeline's compute time this iteration: its slowest rank's."""
-        assert self._layout is not None
-        return np.array([max(table[r, 0] for r in ranks) for ranks in self._layout.pipelines])
+        Every rank sees the same table, so every rank's detector agrees on the episodes; only the
+        straggler's own pipeline keeps its fastest plan.
+        """
+        if self.frontier is None or self.plan is None or self._calibration is None or self._layout is None:
+            return  # nothing deployed (observe mode), so nothing to follow
+        if self._episode_window is not None:
+            self._episode_window.iterations += 1
+            self._episode_window.ends.append(now)
+        slowdown = self.detector.update(list(self._pipeline_slowdowns(table)))
+        straggler = self.detector.straggler
+        episode = self.straggler_episodes[-1] if self._episode_window is not None else None
+        if episode is not None and (slowdown is None or straggler != episode.pipeline):
+            self._end_episode(episode, now)
+            episode = None
+        target = None if slowdown is None or straggler == self._layout.pipeline else slowdown
+        if slowdown is not None:
+            plan = self.frontier.for_straggler(min(slowdown, self.config.max_slowdown) * self.frontier.fastest.iteration_time)
+            if episode is None:
+                self._episode_window = self._open_window()
+                episode = StragglerEpisode(self.iteration, straggler, float(slowdown), plan.iteration_time)
+                episode.peak_slowdown = float(slowdown)
+                episode.predicted_saving_pct = self._predicted_extrinsic_saving(plan, slowdown)
+                self.straggler_episodes.append(episode)
+            elif slowdown != episode.slowdown:
+                episode.slowdown, episode.plan_iteration_time_s = float(slowdown), plan.iteration_time
+                episode.peak_slowdown = max(episode.peak_slowdown, float(slowdown))
+                episode.predicted_saving_pct = self._predicted_extrinsic_saving(plan, slowdown)
+        if target != self._straggler_slowdown:
+            self._straggler_slowdown = target
+            self._deploy(self.frontier.fastest if target is None else plan)
+
+    def _end_episode(self, episode: StragglerEpisode, now: float) -> None:
+        """Close the episode's measurement (collective: every rank ends it at the same iteration)."""
+        self._window, self._episode_window = self._episode_window, None
+        measured = self._close_window(now)
+        episode.end_iteration = self.iteration
+        episode.iteration_time_s, episode.energy_j = measured.iteration_time_s, measured.energy_j
+
+    def _predicted_extrinsic_saving(self, plan: FrontierPlan, slowdown: float) -> float:
+        """The model's saving (%) of a non-straggler pipeline that runs ``plan`` instead of running its
+        fastest plan and waiting, at blocking power, for a straggler ``slowdown`` times slower."""
+        assert self.frontier is not None
+        fastest, ranks = self.frontier.fastest, self.frontier.dag.num_ranks
+        straggler_time = max(slowdown * fastest.iteration_time, plan.iteration_time)
+
+        def waiting(point: FrontierPlan) -> float:
+            return point.energy + self.frontier.p2p_power * ranks * (straggler_time - point.iteration_time)
+        return 100.0 * (1.0 - waiting(plan) / waiting(fastest))
+
+    def _pipeline_slowdowns(self, table: np.ndarray) -> np.ndarray:
+        """How much slower each pipeline's GPUs compute than they did under the fastest plan.
+
+        A rank's pace is its forward instructions' measured time over the time the profile gives
+        them at the clocks deployed now, so a pipeline that slows down on purpose keeps pace 1. Only
+        forwards count: a DDP backward also waits for the gradient all-reduce, that is, for the
+        straggler. A pipeline is as slow as its slowest rank.
+        """
+        assert self._layout is not None and self._calibration is not None
+        slowdowns = table[:, 0] / self._calibration
+        return np.array([max(slowdowns[r] for r in ranks) for ranks in self._layout.pipelines])
 
     # -------------------------------------------------------------- measurement
     def _open_window(self) -> _Window:
