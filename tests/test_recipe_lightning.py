@@ -24,7 +24,7 @@ RECIPES = REPO_ROOT / "recipes"
 if str(RECIPES) not in sys.path:  # the recipes import each other as top-level scripts
     sys.path.insert(0, str(RECIPES))
 
-import gpt_lightning
+import gpt_cli
 from gpt_pipeline import GPTConfig, SyntheticTokens, build_stages
 from torchrun import torchrun
 
@@ -67,13 +67,17 @@ def test_report_shows_a_perseus_summary(capsys: pytest.CaptureFixture[str]) -> N
         "deployed": {"iteration_time_s": 0.204, "energy_j": 120.0},
         "saving_pct": 20.0,
         "profiling_iterations": 35,
-        "plan": {"iteration_time_s": 0.203, "energy_j": 118.0, "frequencies": [[1410, 1200, 900], [1410, 1410]]},
-        "straggler_episodes": [],
+        "planned_saving_pct": 21.5,
+        "plan": {"iteration_time_s": 0.203, "energy_j": 118.0,
+                 "frequencies": [[["forward", 0, 1410], ["forward", 1, 1200], ["backward", 0, 900]], [["forward", 0, 1410]]]},
+        "straggler_episodes": [{"start_iteration": 60, "end_iteration": 80, "pipeline": 1, "slowdown": 1.2,
+                                "peak_slowdown": 1.5, "iteration_time_s": 0.3, "energy_j": 200.0, "predicted_saving_pct": 14.0}],
         "recipe": {"loss": [9.0, 8.0], "median_iteration_time_s": 0.21},
     }
-    gpt_lightning.print_report(summary)
+    gpt_cli.print_report(summary)
     out = capsys.readouterr().out
-    for expected in ("204.0 ms / 120.0 J", "+2.0 %", "20.0 %", "35", "900 / 1170 / 1410 MHz", "9.0000 -> 8.0000"):
+    for expected in ("204.0 ms / 120.0 J", "+2.0 %", "20.0 %", "21.5 %", "35", "900 / 1170 / 1410 MHz", "9.0000 -> 8.0000",
+                     "iterations 60-80", "up to 1.50x slower", "300.0 ms / 200.0 J", "14.0 %"):
         assert expected in out
 
 

@@ -6,7 +6,7 @@ import argparse
 import sys
 from collections.abc import Sequence
 
-from perseus_lightning.cli import demo, doctor, plan, reset, show, simulate
+from perseus_lightning.cli import demo, doctor, launch, plan, reset, show, simulate
 from perseus_lightning.core.errors import PerseusInputError
 from perseus_lightning.gpu.device import GPUControlError
 
@@ -31,6 +31,7 @@ examples:
   perseus doctor
   perseus doctor --json --measure-lock-latency
   perseus reset --all
+  perseus launch --perseus-config perseus.yaml --multi_gpu --num_processes 2 train.py
 """
 
 
@@ -46,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="perseus", description=DESCRIPTION, epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, parser_class=OneLineErrorParser)
-    for module in (demo, doctor, plan, reset, simulate, show):
+    for module in (demo, doctor, plan, reset, simulate, show, launch):
         module.register(commands)
     return parser
 

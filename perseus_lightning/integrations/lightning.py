@@ -24,7 +24,7 @@ from lightning.pytorch.utilities import rank_zero_warn
 
 from perseus_lightning.core.profile import BACKWARD, FORWARD
 from perseus_lightning.core.schedules import Instruction
-from perseus_lightning.runtime.config import DEFAULT_CACHE_DIR, ConfigError, PerseusConfig
+from perseus_lightning.runtime.config import DEFAULT_CACHE_DIR, PerseusConfig
 from perseus_lightning.runtime.runtime import PerseusRuntime
 
 logger = logging.getLogger(__name__)
@@ -133,20 +133,12 @@ class PerseusCallback(Callback):
         schedule = getattr(pl_module, SCHEDULE_ATTRIBUTE, None)
         if schedule is None:
             return
-        from perseus_lightning.integrations.pipelining import StageInstrumentation
+        from perseus_lightning.integrations.pipelining import instrument_schedule
 
-        stages = getattr(schedule, "_stages", None) or ([schedule._stage] if hasattr(schedule, "_stage") else [])
-        if not stages:
-            raise ConfigError(
-                f"{type(pl_module).__name__}.{SCHEDULE_ATTRIBUTE}", None,
-                f"the callback cannot see the pipeline stages of {type(schedule).__name__}",
-                "set it to a torch.distributed.pipelining schedule (PipelineScheduleSingle or PipelineScheduleMulti)",
-            )
-        self.runtime.schedule_name = type(schedule).__name__
+        runtime, owner = self.runtime, f"{type(pl_module).__name__}.{SCHEDULE_ATTRIBUTE}"
+        self._instrumentations = instrument_schedule(schedule, runtime.instruction_begin, runtime.instruction_end, owner)
+        runtime.schedule_name = type(schedule).__name__
         self._pipelined = True
-        self._instrumentations = [
-            StageInstrumentation(stage, self.runtime.instruction_begin, self.runtime.instruction_end) for stage in stages
-        ]
 
     # ------------------------------------------------------------- iterations
     def on_train_batch_start(self, trainer: Trainer, pl_module: LightningModule, batch: Any, batch_idx: int) -> None:

@@ -96,3 +96,21 @@ class StageInstrumentation:
         else:
             kind = BACKWARD if call.arguments.get("full_backward", True) else BACKWARD_INPUT
         return Instruction(stage=self.stage.stage_index, kind=kind, microbatch=int(microbatch))
+
+
+def instrument_schedule(
+    schedule: Any, on_begin: InstructionCallback, on_end: InstructionCallback, owner: str
+) -> list[StageInstrumentation]:
+    """Instrument every stage a ``torch.distributed.pipelining`` schedule drives on this rank.
+
+    ``owner`` names the caller in the error raised for an object whose stages cannot be seen.
+    """
+    from perseus_lightning.runtime.config import ConfigError
+
+    stages = getattr(schedule, "_stages", None) or ([schedule._stage] if hasattr(schedule, "_stage") else [])
+    if not stages:
+        raise ConfigError(
+            owner, None, f"Perseus cannot see the pipeline stages of {type(schedule).__name__}",
+            "use a torch.distributed.pipelining schedule (PipelineScheduleSingle or PipelineScheduleMulti)",
+        )
+    return [StageInstrumentation(stage, on_begin, on_end) for stage in stages]

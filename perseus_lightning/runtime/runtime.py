@@ -22,8 +22,9 @@ goes through its phases on its own:
     while the instruction runs (the training thread never waits for one). The deployed iteration
     time and energy are measured against the baseline.
 ``monitor``
-    Every iteration, each data-parallel pipeline's compute time is shared (one small all-gather);
-    a straggler makes the other pipelines deploy the frontier plan for ``min(T', T*)``.
+    Every iteration, each rank's compute pace is shared (one small all-gather; see
+    :meth:`PerseusRuntime._pipeline_slowdowns`); a straggler makes the other pipelines deploy the
+    frontier plan for ``min(T', T*)``.
 
 Every rank passes through the same phases at the same iterations, so the collectives line up.
 Nothing here raises into training: a failure is reported once and the runtime turns itself off
