@@ -117,45 +117,48 @@ def configure_gpu_backend() -> Path | None:
 
 
 def print_report(summary: dict[str, Any]) -> None:
-    """Baseline vs deployed iteration time and energy, the plan's clocks, straggler episodes, and the recipe's own numbers."""
-    recipe, perseus = summary["recipe"], "mode" in summary
-    title = "GPT pipeline training"
-    if perseus:
-        title += f" with Perseus ({summary['mode']}, phase {summary['phase']})"
-    table = Table("", "value", title=title)
+    """Baseline vs Perseus iteration time and energy, the plan, straggler episodes, and the recipe's own numbers."""
+    recipe, console = summary["recipe"], Console(width=100)
     loss = recipe["loss"]
-    table.add_row("loss, first -> last step", f"{loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "-")
-    table.add_row("median iteration time (recipe)", f"{recipe['median_iteration_time_s'] * 1e3:.1f} ms")
-    if perseus:
-        baseline, deployed, plan = summary.get("baseline"), summary.get("deployed"), summary.get("plan")
-        for name, point in (("baseline (measured)", baseline), ("Perseus (measured)", deployed), ("Perseus plan (model)", plan)):
-            if point:
-                time_energy = f"{point['iteration_time_s'] * 1e3:.1f} ms / {point['energy_j']:.1f} J"
-                table.add_row(f"{name}: iteration time / energy", time_energy)
-        if baseline and deployed:
-            change = 100 * (deployed["iteration_time_s"] / baseline["iteration_time_s"] - 1)
-            table.add_row("iteration time change (measured)", f"{change:+.1f} %")
-        if summary.get("saving_pct") is not None:
-            table.add_row("energy saving per iteration (measured)", f"{summary['saving_pct']:.1f} %")
-        if summary.get("planned_saving_pct") is not None:
-            table.add_row("energy saving per iteration (model)", f"{summary['planned_saving_pct']:.1f} %")
-        table.add_row("profiling iterations", str(summary.get("profiling_iterations", 0)))
-        for rank, entries in enumerate(plan["frequencies"] if plan else []):
-            clocks = [entry[-1] for entry in entries]  # [kind, (microbatch, (stage,)) MHz]
-            mhz = f"{min(clocks):.0f} / {statistics.fmean(clocks):.0f} / {max(clocks):.0f} MHz"
-            table.add_row(f"pipeline rank {rank}: planned clock min / mean / max", mhz)
-        for episode in summary.get("straggler_episodes", []):
-            table.add_row(
-                f"straggler episode, iterations {episode['start_iteration']}-{episode['end_iteration'] or '...'}",
-                f"pipeline {episode['pipeline']} up to {episode['peak_slowdown']:.2f}x slower",
-            )
-            if episode.get("energy_j") is not None:
-                table.add_row("  during it: iteration time / energy (measured)",
-                              f"{episode['iteration_time_s'] * 1e3:.1f} ms / {episode['energy_j']:.1f} J")
-            if episode.get("predicted_saving_pct") is not None:
-                table.add_row("  others' saving vs waiting at full speed (model)", f"{episode['predicted_saving_pct']:.1f} %")
-    table.columns[1].justify = "right"
-    Console().print(table)
+    facts = Table("", "value", title="GPT pipeline training", show_header=False)
+    facts.add_row("loss, first -> last step", f"{loss[0]:.4f} -> {loss[-1]:.4f}" if loss else "-")
+    facts.add_row("median iteration time", f"{recipe['median_iteration_time_s'] * 1e3:.1f} ms")
+    if "mode" not in summary:
+        console.print(facts)
+        return
+    facts.title += f" with Perseus ({summary['mode']}, phase {summary['phase']})"
+    facts.add_row("profiling iterations", str(summary.get("profiling_iterations", 0)))
+    plan = summary.get("plan")
+    for rank, entries in enumerate(plan["frequencies"] if plan else []):
+        clocks = [entry[-1] for entry in entries]  # [kind, (microbatch, (stage,)) MHz]
+        facts.add_row(f"pipeline rank {rank} clocks (min / mean / max)",
+                      f"{min(clocks):.0f} / {statistics.fmean(clocks):.0f} / {max(clocks):.0f} MHz")
+    console.print(facts)
+
+    energy = Table("per iteration, all GPUs", "iteration time", "energy", title="Baseline vs Perseus")
+    baseline, deployed = summary.get("baseline"), summary.get("deployed")
+    for name, point in (("baseline (max clock, measured)", baseline), ("Perseus (measured)", deployed),
+                        ("Perseus plan (model)", plan)):
+        if point:
+            energy.add_row(name, f"{point['iteration_time_s'] * 1e3:.1f} ms", f"{point['energy_j']:.1f} J")
+    if baseline and deployed:
+        change = 100 * (deployed["iteration_time_s"] / baseline["iteration_time_s"] - 1)
+        energy.add_row("change (measured)", f"{change:+.1f} %", f"{-summary['saving_pct']:+.1f} %")
+    if summary.get("planned_saving_pct") is not None:
+        energy.add_row("change (model)", "+0.0 %", f"{-summary['planned_saving_pct']:+.1f} %")
+    console.print(energy)
+
+    episodes = summary.get("straggler_episodes", [])
+    if episodes:
+        table = Table("iterations", "straggler", "time / energy per iteration (measured)", "others' saving (model)",
+                      title="Straggler episodes: the other pipelines slow down to its pace")
+        for episode in episodes:
+            measured = (f"{episode['iteration_time_s'] * 1e3:.1f} ms / {episode['energy_j']:.1f} J"
+                        if episode.get("energy_j") is not None else "-")
+            table.add_row(f"{episode['start_iteration']}-{episode['end_iteration'] or '...'}",
+                          f"pipeline {episode['pipeline']}, up to {episode['peak_slowdown']:.2f}x", measured,
+                          f"{episode['predicted_saving_pct']:.1f} %" if episode.get("predicted_saving_pct") is not None else "-")
+        console.print(table)
 
 
 def write_plots(runtime: Any, directory: Path) -> list[Path]:

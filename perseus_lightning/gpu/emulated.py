@@ -17,15 +17,17 @@ State lives in one JSON file per device, ``<dir>/gpu-<index>.json``, where ``<di
 so every process sees the same GPU: a clock locked by one process stays locked (as on a real
 GPU, it outlives the process) until any process resets it. Updates are read-modify-write
 under an ``flock`` on ``gpu-<index>.lock`` and land atomically (temporary file + ``os.replace``).
-The energy fields are the counter as of its last update (``updated_at``, Unix time), written at
-most once per update period by the instance that computes on the device (one computing process
-per device). Other instances follow that counter, adding blocking power for the time since.
+The energy fields are the counter as of its last publication (``updated_at``, Unix time), written
+at a counter update at most every ``publish_period`` seconds (default 0.5) by the instance that
+computes on the device (one computing process per device). Other instances follow that counter,
+adding blocking power for the time since.
 """
 
 from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import tempfile
 import threading
@@ -46,6 +48,8 @@ ENV_DIR = "PERSEUS_EMULATED_GPU_DIR"
 ENV_UPDATE_PERIOD = "PERSEUS_EMULATED_GPU_UPDATE_PERIOD"
 DEFAULT_UPDATE_PERIOD = 0.1
 DEFAULT_NOISE = 0.005
+PUBLISH_PERIOD = 0.5
+"""Seconds between the computing instance's writes of its counter to the state file (others follow it)."""
 STATE_FORMAT = "perseus-emulated-gpu"
 STATE_VERSION = 1
 
@@ -84,6 +88,7 @@ class EmulatedGPU(GPUDevice):
     thermally throttled straggler. ``update_period`` (seconds; default ``$PERSEUS_EMULATED_GPU_UPDATE_PERIOD``
     or 0.1) is how often the energy counter advances; each advance's increment is off by a
     relative error drawn from N(0, ``noise``), seeded by ``seed`` (default: the index).
+    ``publish_period`` (s) spaces the writes of the counter to the state file.
     ``observe_only=True`` makes :meth:`lock_clock` and :meth:`reset_clock` do nothing, like a GPU
     without clock permissions. ``state_dir`` overrides :func:`emulated_gpu_dir`.
     """
@@ -99,6 +104,7 @@ class EmulatedGPU(GPUDevice):
         seed: int | None = None,
         state_dir: str | Path | None = None,
         observe_only: bool = False,
+        publish_period: float = PUBLISH_PERIOD,
     ) -> None:
         period = _update_period_from_env() if update_period is None else float(update_period)
         if index < 0:
@@ -145,6 +151,8 @@ class EmulatedGPU(GPUDevice):
         self._active = 0
         self._computed = False
         self._open_blocks: list[list[tuple[float, int]]] = []  # (time, clock) changes of each running block
+        self._published_at = -math.inf
+        self.publish_period = float(publish_period)
         self.compute_log: deque[ComputeBlock] = deque(maxlen=COMPUTE_LOG_LENGTH)
         """This process's latest compute blocks on the device, oldest first: the emulator's event log."""
 
@@ -228,7 +236,8 @@ class EmulatedGPU(GPUDevice):
                 self._open_blocks.remove(segments)
                 spans = [(b - a, c) for (a, c), (b, _) in zip(segments, [*segments[1:], (host_end, 0)])]
             extra = sum(span * (self.model.time_factor(c) * self.slowdown - 1.0) for span, c in spans)
-            time.sleep(max(0.0, extra))
+            if extra > 0:  # sleep(0) would still cost the kernel's timer slack (~50 us)
+                time.sleep(extra)
             with self._mutex:
                 self._advance(time.monotonic())
                 self._active -= 1
@@ -274,9 +283,13 @@ class EmulatedGPU(GPUDevice):
         self._true_t = now
 
     def _sync_counter(self) -> None:
-        """Once per counter update: publish it if this instance computes, else follow the file's."""
+        """At a counter update: publish it if this instance computes (at most every ``publish_period``
+        seconds: a write costs the computing thread ~0.5 ms), else follow the file's."""
         if self._computed:
-            self._update_state(energy_j=self._counter_j, power_w=self._power, updated_at=time.time())
+            now = time.monotonic()
+            if now - self._published_at >= self.publish_period:
+                self._published_at = now
+                self._update_state(energy_j=self._counter_j, power_w=self._power, updated_at=time.time())
         else:
             state = self._read_state()
             if state is not None:

@@ -59,7 +59,7 @@ logger = logging.getLogger(__name__)
 PHASES: tuple[str, ...] = ("off", "warmup", "baseline", "profile", "plan", "deploy", "monitor")
 """Phase names; ``perseus/phase`` logs a phase's position in this tuple."""
 STATE_VERSION = 1
-PROFILE_CLOCK_ITERATION_CAP = 4
+PROFILE_CLOCK_ITERATION_CAP = 2
 """A clock is measured for at most this many times ``iterations_per_clock`` iterations."""
 PROFILE_STDERR_TARGET = 0.03
 """A clock's measurement is complete once every kind's energy has this relative standard error."""
