@@ -15,12 +15,12 @@ $(INSTALLED): pyproject.toml
 	touch $(INSTALLED)
 
 # The main job: the GPT recipe on 4 processes (2 pipelines x 2 stages) with emulated GPUs. Ranks 2-3
-# (pipeline 1) are throttled 1.6x during iterations 80-105: a straggler episode.
+# (pipeline 1) are throttled 1.8x during iterations 80-105: a straggler episode.
 DEMO_DIR := perseus-demo
 demo: $(INSTALLED)
 	$(BIN)/torchrun --nproc-per-node 4 recipes/gpt_lightning.py --pp 2 --dp 2 --steps 130 \
 		--perseus-config recipes/perseus-cpu.yaml \
-		--straggler-rank 2 --straggler-rank 3 --straggler-slowdown 1.6 --straggler-steps 80:105 \
+		--straggler-rank 2 --straggler-rank 3 --straggler-slowdown 1.8 --straggler-steps 80:105 \
 		--summary $(DEMO_DIR)/summary.json --plots $(DEMO_DIR)
 
 test: $(INSTALLED)
@@ -32,6 +32,8 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/simulator.py
 	$(BIN)/python bench/planner.py
 	$(BIN)/python bench/gpu_control.py
+	$(BIN)/python bench/profiling.py
+	$(BIN)/python bench/overhead.py
 
 # The site's build dependencies (the `docs` extra) go into the same .venv; torch stays at 2.13.0.
 $(DOCS_INSTALLED): $(INSTALLED) pyproject.toml
