@@ -137,7 +137,7 @@ def print_report(summary: dict[str, Any]) -> None:
 
     energy = Table("per iteration, all GPUs", "iteration time", "energy", title="Baseline vs Perseus")
     baseline, deployed = summary.get("baseline"), summary.get("deployed")
-    for name, point in (("baseline (max clock, measured)", baseline), ("Perseus (measured)", deployed),
+    for name, point in (("baseline (measured)", baseline), ("Perseus (measured)", deployed),
                         ("Perseus plan (model)", plan)):
         if point:
             energy.add_row(name, f"{point['iteration_time_s'] * 1e3:.1f} ms", f"{point['energy_j']:.1f} J")

@@ -51,12 +51,13 @@ def run(runtime: PerseusRuntime, iterations: int) -> list[str]:
     return phases
 
 
-def test_phases_run_in_order_and_profiling_stays_in_budget(tmp_path) -> None:
+def test_phases_run_in_order_and_profiling_stays_in_budget(tmp_path, capsys) -> None:
     gpu = make_gpu(tmp_path)
     runtime = PerseusRuntime(make_config(tmp_path), device=gpu)
     runtime.start()
     phases = run(runtime, 60)
     runtime.close()
+    assert "Perseus: profiled 4 clocks" in capsys.readouterr().out  # rank 0's progress bar
     seen = [p for i, p in enumerate(phases) if i == 0 or phases[i - 1] != p]
     assert seen == ["baseline", "profile", "deploy", "monitor"]
     profile_blocks = {block.clock_mhz for block in gpu.compute_log}

@@ -201,6 +201,7 @@ class PerseusRuntime:
         self._episode_window: _Window | None = None
         self._last_metrics: dict[str, float] = {}
         self._controlling = False  # every rank controls its clocks (decided after warm-up)
+        self._progress: Any = None  # rank 0's profiling progress bar: (rich Progress, task id)
         self._computing: Any = None  # the open emulated-compute block of the running instruction
         self._idle_power = math.nan
         self._warned: set[str] = set()
@@ -243,6 +244,7 @@ class PerseusRuntime:
         if self._closed:
             return
         self._closed = True
+        self._stop_progress()
         if self._computing is not None:  # an instruction was interrupted (an exception in training)
             self._computing.__exit__(None, None, None)
             self._computing = None
@@ -524,11 +526,18 @@ class PerseusRuntime:
         self._attributor = EnergyAttributor(self.device)  # not during the baseline: it would not measure as deployed
         self._attributor.start()
         self._enter("profile")
+        if self.collectives.rank == 0:
+            self._progress = _profile_progress(self._profiler.max_clocks)
         self._next_profile_clock()
 
     def _next_profile_clock(self) -> None:
         clock = self._profiler.next_clock()
         self._at_clock = 0
+        if self._progress is not None:
+            progress, task = self._progress
+            measured = len(self._profiler.measured_clocks)
+            progress.update(task, completed=measured, description=f"Perseus: profiling at {clock} MHz" if clock else
+                            f"Perseus: profiled {measured} clocks")
         if clock is None:
             self._profile_done = True
             self._profile_clock = None
@@ -574,6 +583,7 @@ class PerseusRuntime:
     def _plan(self) -> None:
         """Gather the profiles, plan on rank 0, broadcast the frontier, deploy its fastest plan."""
         self._enter("plan")
+        self._stop_progress()
         try:  # a local failure must not skip the collectives below: the other ranks would wait forever
             self._attributor.stop()
             self._record_profile()
@@ -817,6 +827,11 @@ class PerseusRuntime:
         except Exception as error:  # noqa: BLE001
             self._warn(f"could not write the Perseus cache ({error}); the next run profiles again")
 
+    def _stop_progress(self) -> None:
+        if self._progress is not None:
+            self._progress[0].stop()
+            self._progress = None
+
     # ----------------------------------------------------------------- failures
     def _warn(self, message: str) -> None:
         if self._warn_callback is not None:
@@ -900,3 +915,13 @@ def _mean_rows(per_rank: Sequence[Sequence[Sequence[Any]]]) -> list[tuple[int, s
 def profile_min_power(profile: Any) -> float:
     """A conservative blocking power when none was measured: half the lowest compute power."""
     return 0.5 * min(float(np.min(p.energy / p.time)) for _, p in profile.items())
+
+
+def _profile_progress(clocks: int) -> tuple[Any, Any]:
+    """A progress bar of the clocks profiled so far (rank 0 shows it)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn())
+    task = progress.add_task("Perseus: profiling", total=clocks)
+    progress.start()
+    return progress, task
