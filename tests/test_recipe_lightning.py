@@ -125,3 +125,22 @@ def test_recipe_on_four_processes_reports_the_measured_saving(tmp_path: Path) ->
     assert summary["baseline"]["energy_j"] > 0 and summary["deployed"]["energy_j"] > 0
     assert math.isfinite(summary["saving_pct"])
     assert len(summary["plan"]["frequencies"]) == 2  # one list per pipeline rank
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize(("schedule", "kinds"), [("interleaved-1f1b", {"forward", "backward"}),
+                                                 ("zero-bubble", {"forward", "backward_input", "backward_weight"})])
+def test_callback_plans_multi_stage_schedules(schedule: str, kinds: set[str], tmp_path: Path) -> None:
+    config = tmp_path / "perseus.yaml"
+    config.write_text("gpu_backend: emulated\ncache_dir: null\nbaseline_iterations: 4\ndeploy_iterations: 4\n"
+                      "profiling: {max_clocks: 4, iterations_per_clock: 2}\n")
+    summary_path = tmp_path / "summary.json"
+    args = ["--summary", str(summary_path), "--pp", "2", "--schedule", schedule, "--steps", "45", "--perseus-config", str(config)]
+    result = torchrun(2, RECIPES / "gpt_lightning.py", args, timeout=LAUNCH_TIMEOUT_S, done=summary_path.exists,
+                      env={"PERSEUS_EMULATED_GPU_UPDATE_PERIOD": "0.02"})
+    assert summary_path.exists(), result.stderr[-3000:]
+    summary = json.loads(summary_path.read_text())
+    assert summary["phase"] == "monitor" and math.isfinite(summary["saving_pct"])
+    entries = [entry for rank in summary["plan"]["frequencies"] for entry in rank]
+    assert {entry[0] for entry in entries} == kinds  # the observed instructions, I/W split for zero-bubble
+    assert {entry[-2] for entry in entries} == {0, 1, 2, 3} or schedule == "zero-bubble"  # [kind, mb, stage, MHz]
