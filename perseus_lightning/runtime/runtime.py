@@ -123,8 +123,8 @@ class _Layout:
     pipeline_rank: int
     actions: list[list[str]]
     signature: str = ""
-    stage_label: str = ""
     labels: list[str] = field(default_factory=list)
+    """The metric label of each rank's GPU, e.g. ``stage0`` or ``pipeline1/stage0+2``."""
 
 
 class PerseusRuntime:
