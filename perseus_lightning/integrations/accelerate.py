@@ -115,22 +115,10 @@ class PerseusPlugin:
         return cls(accelerator, config, log_metrics=log_metrics, checkpointing=checkpointing)
 
     def _start(self, config: PerseusConfig) -> None:
-        from perseus_lightning.runtime.collectives import default_collectives
-        from perseus_lightning.runtime.runtime import PerseusRuntime
+        from perseus_lightning.integrations.torch_device import runtime_for_device
 
         accelerator = self.accelerator
-        device = accelerator.device
-        synchronize = None
-        if device.type == "cuda":
-            import torch
-
-            synchronize = torch.cuda.synchronize
-        self.runtime = PerseusRuntime(
-            config,
-            default_collectives(),
-            device_index=device.index if device.type == "cuda" and device.index is not None else accelerator.local_process_index,
-            synchronize=synchronize,
-        )
+        self.runtime = runtime_for_device(config, accelerator.device, accelerator.local_process_index)
         self.runtime.start()
         for name, method in (("backward", self._backward), ("end_training", self._end_training)):
             self._replaced[name] = (getattr(accelerator, name), vars(accelerator).get(name))

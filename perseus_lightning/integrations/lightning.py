@@ -106,20 +106,11 @@ class PerseusCallback(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage != "fit" or self.config.mode == "off":
             return
+        from perseus_lightning.integrations.torch_device import runtime_for_device
         from perseus_lightning.runtime.cache import model_signature
-        from perseus_lightning.runtime.collectives import default_collectives
 
-        device = pl_module.device
-        synchronize = None
-        if device.type == "cuda":
-            import torch
-
-            synchronize = torch.cuda.synchronize
-        self.runtime = PerseusRuntime(
-            self.config,
-            default_collectives(),
-            device_index=device.index if device.type == "cuda" and device.index is not None else trainer.local_rank,
-            synchronize=synchronize,
+        self.runtime = runtime_for_device(
+            self.config, pl_module.device, trainer.local_rank,
             model_signature=model_signature((name, tuple(p.shape)) for name, p in pl_module.named_parameters()),
             warn=rank_zero_warn,
         )

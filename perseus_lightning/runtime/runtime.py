@@ -104,9 +104,12 @@ class _Window:
 
     start_time: float
     start_energy: float
-    iterations: int = 0
     ends: list[float] = field(default_factory=list)
     """``time.perf_counter()`` at each iteration's end."""
+
+    @property
+    def iterations(self) -> int:
+        return len(self.ends)
 
     def median_iteration_time(self) -> float:
         """Median time from one iteration's end to the next (the first from the window's start):
@@ -177,7 +180,6 @@ class PerseusRuntime:
         self._profiler: Any = None
         self._layout: _Layout | None = None
         self._restored: dict[str, Any] | None = None
-        self._cache_payload: dict[str, Any] | None = None
         self._in_phase = 0
         self._order: list[Instruction] = []
         self._observed: list[Instruction] | None = None
@@ -192,7 +194,6 @@ class PerseusRuntime:
         self._profile_done = False
         self._window: _Window | None = None
         self._metric_window: _Window | None = None
-        self._metric_energy: float = math.nan
         self._forward_busy = 0.0  # seconds of forward instructions this iteration
         self._expected_forward = math.nan  # the deployed plan's forward seconds per iteration, by the profile
         self._pace_samples: list[np.ndarray] = []  # every rank's forward pace while deploying, to calibrate
@@ -298,13 +299,12 @@ class PerseusRuntime:
         if not self.active or self._failed:
             return
         try:
-            if self._attributor is not None:
+            if self.phase == "profile":  # instruction times are measured: wait for the device
                 self._synchronize()
-            end = time.perf_counter()
             if self._computing is not None:
                 self._computing.__exit__(None, None, None)
                 self._computing = None
-                end = time.perf_counter()
+            end = time.perf_counter()
             self._order.append(instruction)
             if instruction.kind == FORWARD:
                 self._forward_busy += end - self._instruction_start
@@ -437,16 +437,16 @@ class PerseusRuntime:
 
     # ------------------------------------------------------------ phase machine
     def _advance(self, table: np.ndarray, now: float) -> None:
-        if self._window is not None:
-            self._window.iterations += 1
-            self._window.ends.append(now)
+        for window in (self._window, self._episode_window):
+            if window is not None:
+                window.ends.append(now)
         if self.phase == "warmup":
             self._observe_order()
             if self._in_phase >= max(1, self.config.warmup_iterations):
                 self._end_warmup()
         elif self.phase == "baseline":
             if self._in_phase >= max(1, self.config.baseline_iterations):
-                self.baseline = self._close_window(now)
+                self.baseline, self._window = self._measure(self._window), None
                 if self.frontier is not None:
                     self._deploy(self.frontier.fastest)
                 elif self._controlling:
@@ -461,11 +461,11 @@ class PerseusRuntime:
         elif self.phase == "deploy":
             self._pace_samples.append(table[:, 0].copy())
             if self._in_phase >= max(1, self.config.deploy_iterations):
-                self.deployed = self._close_window(now)
+                self.deployed, self._window = self._measure(self._window), None
                 self._calibration = np.median(np.array(self._pace_samples), axis=0)
                 self._enter("monitor")
         elif self.phase == "monitor":
-            self._follow_stragglers(table, now)
+            self._follow_stragglers(table)
 
     def _enter(self, phase: str) -> None:
         logger.info("Perseus rank %d: %s -> %s at iteration %d", self.collectives.rank, self.phase, phase, self.iteration)
@@ -655,7 +655,7 @@ class PerseusRuntime:
             self._pace_samples = []
             self._enter("deploy" if self.deployed is None else "monitor")
 
-    def _follow_stragglers(self, table: np.ndarray, now: float) -> None:
+    def _follow_stragglers(self, table: np.ndarray) -> None:
         """Share pipelines' slowdowns; deploy the plan for ``min(T', T*)`` while another pipeline straggles.
 
         Every rank sees the same table, so every rank's detector agrees on the episodes; only the
@@ -663,14 +663,11 @@ class PerseusRuntime:
         """
         if self.frontier is None or self.plan is None or self._calibration is None or self._layout is None:
             return  # nothing deployed (observe mode), so nothing to follow
-        if self._episode_window is not None:
-            self._episode_window.iterations += 1
-            self._episode_window.ends.append(now)
         slowdown = self.detector.update(list(self._pipeline_slowdowns(table)))
         straggler = self.detector.straggler
         episode = self.straggler_episodes[-1] if self._episode_window is not None else None
         if episode is not None and (slowdown is None or straggler != episode.pipeline):
-            self._end_episode(episode, now)
+            self._end_episode(episode)
             episode = None
         target = None if slowdown is None or straggler == self._layout.pipeline else slowdown
         if slowdown is not None:
@@ -689,10 +686,9 @@ class PerseusRuntime:
             self._straggler_slowdown = target
             self._deploy(self.frontier.fastest if target is None else plan)
 
-    def _end_episode(self, episode: StragglerEpisode, now: float) -> None:
+    def _end_episode(self, episode: StragglerEpisode) -> None:
         """Close the episode's measurement (collective: every rank ends it at the same iteration)."""
-        self._window, self._episode_window = self._episode_window, None
-        measured = self._close_window(now)
+        measured, self._episode_window = self._measure(self._episode_window), None
         episode.end_iteration = self.iteration
         episode.iteration_time_s, episode.energy_j = measured.iteration_time_s, measured.energy_j
 
@@ -724,10 +720,9 @@ class PerseusRuntime:
         energy = self.device.energy_j() if self.device is not None else math.nan
         return _Window(time.perf_counter(), energy)
 
-    def _close_window(self, now: float) -> Measured:
-        """Every rank's energy over the phase's window, summed; the mean iteration time (collective)."""
-        window = self._window
-        self._window = None
+    def _measure(self, window: _Window | None) -> Measured:
+        """Energy per iteration over ``window``, summed over every rank; the slowest rank's median
+        iteration time (collective)."""
         assert window is not None and window.iterations > 0
         try:  # the gather below must happen on every rank
             energy = self.device.energy_j() - window.start_energy
@@ -742,12 +737,15 @@ class PerseusRuntime:
         window = self._metric_window
         if window is None or self.device is None:
             return math.nan
-        window.iterations += 1
+        window.ends.append(now)
         if now - window.start_time < METRIC_PERIOD_S:
             return math.nan
-        energy = self.device.energy_j()
         self._metric_window = None
-        return (energy - window.start_energy) / window.iterations
+        try:
+            return (self.device.energy_j() - window.start_energy) / window.iterations
+        except Exception as error:  # noqa: BLE001 - the exchange that follows must still happen
+            self._fail(f"reading the GPU failed: {error}")
+            return math.nan
 
     def _metrics(self, table: np.ndarray) -> dict[str, float]:
         metrics = {"perseus/phase": float(PHASES.index(self.phase)), "perseus/iteration_time_s": float(np.max(table[:, 5]))}
