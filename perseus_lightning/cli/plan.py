@@ -9,13 +9,15 @@ from rich.console import Console
 from rich.table import Table
 
 from perseus_lightning.cli.pipeline_args import add_pipeline_arguments, load_pipeline
-from perseus_lightning.core.planner import DEFAULT_STEP, Frontier, plan_frontier
+from perseus_lightning.core.planner import DEFAULT_STEP, EXACT_SECONDS, Frontier, plan_frontier
 
 DESCRIPTION = f"""\
 Compute the iteration time-energy frontier: frequency plans from T_min (every instruction
 at max clock's iteration time: zero slowdown, minimum energy for it) to T* (the minimum-energy
 iteration time), spaced at most 0.5 % of T_min apart. Every plan's time and energy come from
 the exact simulator. By default deadlines are spaced {100 * DEFAULT_STEP:g} % of T_min apart.
+Small pipelines (up to a few thousand clock options in all) are also solved exactly, as a
+MILP, for up to --exact-seconds: the zero-slowdown plan first, then the frontier's gaps.
 
 Writes frontier.json (schema: version, schedule, stages, microbatches, p2p_power, baseline,
 actions, plans[{{iteration_time, energy, lower_bound, frequencies}}]); `perseus simulate
@@ -32,6 +34,8 @@ def register(commands: argparse._SubParsersAction) -> None:
     add_pipeline_arguments(parser)
     parser.add_argument("--output", required=True, metavar="frontier.json", help="where to write the frontier")
     parser.add_argument("--points", type=int, metavar="N", help="plan N deadlines evenly from T_min to T* instead")
+    parser.add_argument("--exact-seconds", type=float, default=EXACT_SECONDS, metavar="S",
+                        help=f"time for exact MILP solves on small pipelines (default {EXACT_SECONDS:g}; 0: none)")
     parser.add_argument("--plot", metavar="OUT.png", help="write energy against iteration time for every plan")
     parser.add_argument("--zeus-dir", metavar="DIR", help="also write Zeus's freqs_pipeline_%%05d.py files (1F1B only)")
     parser.set_defaults(run=run)
@@ -42,7 +46,9 @@ def run(args: argparse.Namespace) -> int:
     console = Console()
     started = time.perf_counter()
     with console.status("planning the frontier..."):
-        frontier = plan_frontier(pipeline.profile, pipeline.dag, pipeline.p2p_power, points=args.points)
+        frontier = plan_frontier(
+            pipeline.profile, pipeline.dag, pipeline.p2p_power, points=args.points, exact_seconds=args.exact_seconds
+        )
     elapsed = time.perf_counter() - started
     frontier.save(args.output)
     console.print(summary_table(frontier, title=f"frontier of {len(frontier.plans)} plans in {elapsed:.1f} s"))

@@ -10,6 +10,10 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`), also starting from
    the previous deadline's plan, and keeps the cheaper of the two.
 
+Pipelines small enough for the exact MILP (:mod:`perseus_lightning.core.exact`) then get, within a
+time budget, an optimal zero-slowdown plan and every gap wider than ``MAX_SPACING`` either filled
+or proven to hold no plan cheaper than its faster end.
+
 Every plan's iteration time and energy come from the exact simulator on the measured profile.
 """
 
@@ -17,6 +21,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,13 +31,14 @@ import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.errors import PlanError, read_json
+from perseus_lightning.core.exact import ExactPlanner
 from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
-from perseus_lightning.core.simulator import simulate
-from perseus_lightning.core.slack import reclaim_slack
+from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -41,8 +47,14 @@ MAX_SPACING = 0.005
 """Largest gap between neighbouring plans' iteration times, as a fraction of ``T_min``."""
 FLAT_TOLERANCE = 1e-3
 """Plans within this fraction of the minimum energy count as reaching ``T*``."""
+EXACT_SECONDS = 5.0
+"""Default time budget of the exact MILP solves, per frontier (only small pipelines use them)."""
 _ROUNDING_TOLERANCE = 1e-9
 _MAX_REFINEMENTS = 4
+_CHEAPER = 1e-9
+"""Relative energy difference that counts as a cheaper plan."""
+_BEFORE = 1e-6
+"""Relative margin before a gap's slower end that its last exact solve must finish by."""
 
 
 @dataclass(frozen=True)
@@ -159,18 +171,23 @@ def plan_frontier(
     p2p_power: float,
     step: float = DEFAULT_STEP,
     points: int | None = None,
+    exact_seconds: float = EXACT_SECONDS,
 ) -> Frontier:
     """Compute the iteration time–energy frontier of ``dag`` from ``T_min`` to ``T*``.
 
     Deadlines are spaced ``step * T_min`` apart, or ``points`` of them evenly from ``T_min`` to
     the relaxation's ``T*``; where neighbouring plans still end up more than ``MAX_SPACING * T_min``
-    apart, deadlines are added between them. The returned plans are Pareto-optimal among those
-    found, and end at ``T*``: the first plan within ``FLAT_TOLERANCE`` of the minimum energy.
+    apart, deadlines are added between them. Pipelines small enough for the exact MILP then spend up
+    to ``exact_seconds`` on it (0: never): first on the zero-slowdown plan, then on the remaining
+    wide gaps (not with ``points``). The returned plans are Pareto-optimal among those found, and
+    end at ``T*``: the first plan within ``FLAT_TOLERANCE`` of the minimum energy.
     """
     if points is not None and points < 1:
         raise PlanError(f"points is {points}. Fix: ask for at least 1 plan.")
     if not step > 0:
         raise PlanError(f"step is {step}. Fix: give a positive fraction of T_min, e.g. {DEFAULT_STEP}.")
+    if not exact_seconds >= 0:
+        raise PlanError(f"exact_seconds is {exact_seconds}. Fix: give 0 (no exact solves) or more, e.g. {EXACT_SECONDS:g}.")
     sweep = _Sweep(profile, dag, p2p_power)
     t_min = sweep.baseline.iteration_time
     t_star = max(sweep.relaxation.min_energy(t_min).deadline, t_min)
@@ -181,15 +198,44 @@ def plan_frontier(
         deadlines = t_min + step * t_min * np.arange(count + 1)  # one past T*: rounding may shift it
     for deadline in deadlines:
         sweep.plan_for(float(deadline))
-    plans = _frontier_of(sweep.found)
+    plans = _frontier_of(sweep.found, t_min)
     for _ in range(_MAX_REFINEMENTS):
-        gaps = [(a, b) for a, b in zip(plans, plans[1:]) if b.iteration_time - a.iteration_time > MAX_SPACING * t_min]
+        gaps = _wide_gaps(plans, t_min)
         if not gaps or points is not None:
             break
         for a, b in gaps:
             sweep.plan_for(0.5 * (a.iteration_time + b.iteration_time), seed=a)
-        plans = _frontier_of(sweep.found)
+        plans = _frontier_of(sweep.found, t_min)
+    if exact_seconds > 0 and ExactPlanner.fits(sweep.options):
+        plans = _plan_exactly(sweep, t_min, time.monotonic() + exact_seconds, fill_gaps=points is None)
     return Frontier(dag, p2p_power, (t_min, sweep.baseline.energy), plans)
+
+
+def _wide_gaps(plans: list[FrontierPlan], t_min: float) -> list[tuple[FrontierPlan, FrontierPlan]]:
+    return [(a, b) for a, b in zip(plans, plans[1:]) if b.iteration_time - a.iteration_time > MAX_SPACING * t_min]
+
+
+def _plan_exactly(sweep: _Sweep, t_min: float, until: float, fill_gaps: bool) -> list[FrontierPlan]:
+    """Solve the MILP at ``T_min``, then, while time is left, split each wide gap ``(a, b)`` with the
+    cheapest plan finishing by its middle, or else by just before ``b``; a gap where neither beats
+    ``a`` holds no cheaper plan (proven when both solves were optimal) and is left alone."""
+    exact = ExactPlanner(sweep.dag, sweep.options, sweep.p2p_power)
+    sweep.plan_exactly(exact, t_min, _frontier_of(sweep.found, t_min)[0], until)
+    plans = _frontier_of(sweep.found, t_min)
+    settled: set[tuple[float, float]] = set()
+    while fill_gaps and time.monotonic() < until:
+        gap = next(((a, b) for a, b in _wide_gaps(plans, t_min) if (a.iteration_time, b.iteration_time) not in settled), None)
+        if gap is None:
+            break
+        a, b = gap
+        for deadline in (0.5 * (a.iteration_time + b.iteration_time), b.iteration_time * (1 - _BEFORE)):
+            found = sweep.plan_exactly(exact, deadline, a, until)
+            if found.iteration_time < b.iteration_time and found.energy < a.energy * (1 - _CHEAPER):
+                break
+        else:
+            settled.add((a.iteration_time, b.iteration_time))
+        plans = _frontier_of(sweep.found, t_min)
+    return plans
 
 
 class _Sweep:
@@ -207,6 +253,13 @@ class _Sweep:
         self.found: list[FrontierPlan] = []
         self._choices: dict[int, np.ndarray] = {}
 
+    def plan_exactly(self, exact: ExactPlanner, deadline: float, seed: FrontierPlan, until: float) -> FrontierPlan:
+        """The MILP's plan for ``deadline`` (at most until the clock reads ``until``), from ``seed``."""
+        choice = exact.solve(deadline, self._choices[id(seed)], max(until - time.monotonic(), 0.01)).choice
+        if earliest_schedule(self.dag, option_durations(self.options, choice))[1].max() > deadline * (1 + DEADLINE_TOLERANCE):
+            choice = self._choices[id(seed)]  # beyond the deadline by more than float noise: keep the seed
+        return self._record(choice, deadline)
+
     def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
         """Plan for ``deadline``; ``seed`` (a plan found earlier) replaces the previous plan as a seed."""
         relaxed = self.relaxation.solve(deadline)
@@ -219,22 +272,36 @@ class _Sweep:
         ]
         results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
         best = int(np.argmin([r.energy for r in results]))
-        plan = FrequencyPlan(tuple(results[best].frequencies.tolist()))
-        found = FrontierPlan(results[best].iteration_time, results[best].energy, plan, relaxed.lower_bound)
+        self.previous = reclaimed[best]
+        self._record(reclaimed[best], deadline, relaxed.lower_bound, results[best])
+
+    def _record(
+        self, choice: np.ndarray, deadline: float, lower_bound: float | None = None, result: SimulationResult | None = None
+    ) -> FrontierPlan:
+        """Add the plan of option indices ``choice``, planned for ``deadline``, to :attr:`found`."""
+        if result is None:
+            result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+        if lower_bound is None:
+            lower_bound = self.relaxation.solve(deadline).lower_bound
+        found = FrontierPlan(result.iteration_time, result.energy, FrequencyPlan(tuple(result.frequencies.tolist())), lower_bound)
         self.found.append(found)
-        self._choices[id(found)] = self.previous = reclaimed[best]
+        self._choices[id(found)] = choice
+        return found
 
 
 def _frequencies(options: list[ClockOptions], choice: np.ndarray) -> FrequencyPlan:
     return FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, choice.tolist())))
 
 
-def _frontier_of(plans: list[FrontierPlan]) -> list[FrontierPlan]:
-    """Plans each strictly cheaper than every faster plan, up to ``T*``: the first plan within
-    ``FLAT_TOLERANCE`` of the cheapest (beyond it the frontier is flat within measurement noise)."""
-    kept: list[FrontierPlan] = []
-    for plan in sorted(plans, key=lambda p: (p.iteration_time, p.energy)):
-        if not kept or plan.energy < kept[-1].energy:
+def _frontier_of(plans: list[FrontierPlan], t_min: float) -> list[FrontierPlan]:
+    """The cheapest plan that finishes by ``T_min`` (on a noisy profile a lower clock may be faster
+    than the maximum), then plans each strictly cheaper than every faster plan, up to ``T*``: the
+    first plan within ``FLAT_TOLERANCE`` of the cheapest (beyond it the frontier is flat within
+    measurement noise)."""
+    limit = t_min * (1 + DEADLINE_TOLERANCE)
+    kept = [min((p for p in plans if p.iteration_time <= limit), key=lambda p: (p.energy, p.iteration_time))]
+    for plan in sorted((p for p in plans if p.iteration_time > limit), key=lambda p: (p.iteration_time, p.energy)):
+        if plan.energy < kept[-1].energy:
             kept.append(plan)
     cheapest = min(p.energy for p in kept)
     end = next(i for i, p in enumerate(kept) if p.energy <= cheapest * (1 + FLAT_TOLERANCE))

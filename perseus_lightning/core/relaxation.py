@@ -107,7 +107,7 @@ class HullRelaxation:
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
         lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = num_cols, row
         lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
-        with _quiet_stdout():  # HiGHS prints a banner on construction
+        with quiet_stdout():  # HiGHS prints a banner on construction
             self._solver = highspy.Highs()
         self._solver.setOptionValue("output_flag", False)
         self._solver.passModel(lp)
@@ -134,7 +134,7 @@ class HullRelaxation:
 
 
 @contextmanager
-def _quiet_stdout() -> Iterator[None]:
+def quiet_stdout() -> Iterator[None]:
     """Silence the C-level standard output (file descriptor 1) for the duration."""
     import sys
 

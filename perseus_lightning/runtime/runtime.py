@@ -704,16 +704,19 @@ class PerseusRuntime:
         return 100.0 * (1.0 - waiting(plan) / waiting(fastest))
 
     def _pipeline_slowdowns(self, table: np.ndarray) -> np.ndarray:
-        """How much slower each pipeline's GPUs compute than they did under the fastest plan.
+        """How much slower each pipeline's GPUs compute than the fastest pipeline's.
 
         A rank's pace is its forward instructions' measured time over the time the profile gives
-        them at the clocks deployed now, so a pipeline that slows down on purpose keeps pace 1. Only
-        forwards count: a DDP backward also waits for the gradient all-reduce, that is, for the
-        straggler. A pipeline is as slow as its slowest rank.
+        them at the clocks deployed now (calibrated while deploying), so a pipeline that slows down
+        on purpose keeps pace 1. Only forwards count: a DDP backward also waits for the gradient
+        all-reduce, that is, for the straggler. A pipeline is as slow as its slowest rank. Slowdowns
+        are relative to the fastest pipeline: a slowdown every pipeline shares makes nobody wait.
         """
         assert self._layout is not None and self._calibration is not None
-        slowdowns = table[:, 0] / self._calibration
-        return np.array([max(slowdowns[r] for r in ranks) for ranks in self._layout.pipelines])
+        paces = table[:, 0] / self._calibration
+        pipelines = np.array([max(paces[r] for r in ranks) for ranks in self._layout.pipelines])
+        measured = pipelines[np.isfinite(pipelines)]
+        return pipelines / np.min(measured) if measured.size else pipelines
 
     # -------------------------------------------------------------- measurement
     def _open_window(self) -> _Window:

@@ -10,8 +10,8 @@ the straggler really appears, changes or goes away:
   consecutive iterations; its slowdown is the median of that pipeline's last ``patience`` reports;
 - during an episode the slowdown follows the slowest pipeline's median, changing only when that
   moves by more than ``threshold / 2``;
-- the episode ends when every pipeline reports less than ``1 + recovery`` for ``patience``
-  consecutive iterations.
+- the episode ends when the median of every pipeline's last ``patience`` reports is below
+  ``1 + recovery``, so one noisy report neither ends an episode nor keeps it going.
 
 The infrastructure may also :meth:`~StragglerDetector.announce` a straggler, which overrides
 detection until cleared.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 from perseus_lightning.core.errors import PerseusInputError
@@ -45,7 +45,6 @@ class StragglerDetector:
         self.recovery = recovery
         self._history: list[deque[float]] = []
         self._streaks: list[int] = []
-        self._calm = 0
         self._straggler: int | None = None
         self._value: float | None = None
         self._announced: float | None = None
@@ -90,7 +89,7 @@ class StragglerDetector:
             if self._value is None:
                 self._start_episode()
             else:
-                self._follow_episode(measured.values())
+                self._follow_episode()
         return self.slowdown
 
     def announce(self, slowdown: float | None) -> None:
@@ -104,7 +103,6 @@ class StragglerDetector:
         return {
             "history": [list(h) for h in self._history],
             "streaks": list(self._streaks),
-            "calm": self._calm,
             "straggler": self._straggler,
             "slowdown": self._value,
             "announced": self._announced,
@@ -114,7 +112,6 @@ class StragglerDetector:
         """Restore a :meth:`state_dict`."""
         self._history = [deque(map(float, h), maxlen=self.patience) for h in state["history"]]
         self._streaks = [int(s) for s in state["streaks"]]
-        self._calm = int(state["calm"])
         self._straggler = state["straggler"]
         self._value = state["slowdown"]
         self._announced = state["announced"]
@@ -127,15 +124,13 @@ class StragglerDetector:
         if due:
             self._straggler = max(due, key=self._median)
             self._value = self._median(self._straggler)
-            self._calm = 0
 
-    def _follow_episode(self, measured: Iterable[float]) -> None:
-        self._calm = self._calm + 1 if all(s < 1 + self.recovery for s in measured) else 0
-        if self._calm >= self.patience:
+    def _follow_episode(self) -> None:
+        reporting = [i for i, h in enumerate(self._history) if h]
+        if all(self._median(i) < 1 + self.recovery for i in reporting):
             self._straggler = self._value = None
-            self._calm = 0
             return
-        slowest = max((i for i, h in enumerate(self._history) if h), key=self._median)
+        slowest = max(reporting, key=self._median)
         target = max(self._median(slowest), 1.0)
         if abs(target - self._value) > self.threshold / 2:
             self._straggler, self._value = slowest, target
