@@ -6,7 +6,7 @@ a deadline ``D`` on every path, the minimum of the summed cost, plus the idle en
 ``R * P_block * D``, is a lower bound on the energy of every plan that finishes by ``D``.
 
 The model is built once and re-solved with HiGHS's dual simplex for each deadline: only the
-deadline rows change, so every solve after the first starts from the previous optimal basis.
+deadline's bound changes, so every solve after the first starts from the previous optimal basis.
 """
 
 from __future__ import annotations
@@ -37,81 +37,58 @@ class RelaxedSolution:
 class HullRelaxation:
     """The convex-hull LP of one DAG, re-solvable at any deadline.
 
-    Variables per node: start ``s``, duration ``d`` within the hull's time range, and cost ``c``
-    above every hull segment (or above ``max_segments`` of them, evenly chosen: a smaller LP whose
-    bound is still valid, only weaker); plus the deadline ``D``, charged the idle power of every GPU. Rows:
-    ``s_u + d_u <= s_v`` per edge and ``s + d <= D`` per sink node. Fixing ``D`` gives the bound
-    at that deadline; leaving it free gives the minimum-energy iteration time ``T*``.
+    Each node's duration is its fastest time plus one variable per hull segment, bounded by the
+    segment's length and charged its (negative, rising) slope, so the LP fills a node's cheapest
+    segments first and its cost follows the hull exactly. Variables: start ``s`` per node, the
+    segment variables, and the deadline ``D``, charged the idle power of every GPU. Rows: one per
+    edge ``u -> v`` (``u`` ends before ``v`` starts) and one per sink node (ends by ``D``); with the
+    hull in bounded columns rather than rows, the LP has about two rows per node, which keeps the
+    simplex fast. Fixing ``D`` gives the bound at that deadline; leaving it free gives ``T*``.
     """
 
-    def __init__(
-        self, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float, max_segments: int | None = None
-    ) -> None:
+    def __init__(self, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float) -> None:
         import highspy
 
         self._highspy = highspy
-        self._idle_power = p2p_power * dag.num_ranks
         n = dag.num_nodes
-        inf = highspy.kHighsInf
         hulls = [opt.lower_hull() for opt in options]
-        rows: list[np.ndarray] = []
-        cols: list[np.ndarray] = []
-        vals: list[np.ndarray] = []
-        row = 0
-        # Precedence: s_u + d_u - s_v <= 0.
+        self._fastest = np.array([t[0] for t, _ in hulls])
+        lengths = [np.diff(t) for t, _ in hulls]
+        slopes = [np.diff(c) / np.diff(t) for t, c in hulls]
+        sizes = np.array([len(x) for x in lengths])
+        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
+        segments = int(self._offsets[-1])
+        self._n, self._deadline_col = n, n + segments
+        # Row k < len(edges): s_u + segments of u - s_v <= -fastest_u; then per sink: s + segments - D <= -fastest.
         src, dst = dag.edge_sources, dag.edge_targets
-        m = len(src)
-        edge_rows = np.arange(m)
-        rows += [edge_rows, edge_rows, edge_rows]
-        cols += [src, n + src, dst]
-        vals += [np.ones(m), np.ones(m), -np.ones(m)]
-        row += m
-        # Deadline: s + d - D <= 0 on nodes without successors.
         sinks = np.array([i for i in range(n) if not dag.successors[i]], dtype=np.int64)
-        sink_rows = np.arange(row, row + len(sinks))
-        rows += [sink_rows, sink_rows, sink_rows]
-        cols += [sinks, n + sinks, np.full(len(sinks), 3 * n)]
-        vals += [np.ones(len(sinks)), np.ones(len(sinks)), -np.ones(len(sinks))]
-        row += len(sinks)
-        # Cost epigraph: slope * d - c <= -intercept for every hull segment.
-        upper = [np.zeros(m), np.zeros(len(sinks))]
-        for i, (t, c) in enumerate(hulls):
-            if len(t) < 2:
-                continue
-            slope = np.diff(c) / np.diff(t)
-            intercept = c[:-1] - slope * t[:-1]
-            if max_segments is not None and len(slope) > max_segments:
-                keep = np.unique(np.linspace(0, len(slope) - 1, max_segments).round().astype(int))
-                slope, intercept = slope[keep], intercept[keep]
-            k = len(slope)
-            seg_rows = np.arange(row, row + k)
-            rows += [seg_rows, seg_rows]
-            cols += [np.full(k, n + i), np.full(k, 2 * n + i)]
-            vals += [slope, -np.ones(k)]
-            upper.append(-intercept)
-            row += k
-        num_cols = 3 * n + 1
+        tails = np.concatenate([src, sinks])
+        counts = sizes[tails]
+        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+        members = np.repeat(self._offsets[tails], counts) + within
+        rows = [np.repeat(np.arange(len(tails)), counts), np.arange(len(tails)), np.arange(len(src)), len(src) + np.arange(len(sinks))]
+        cols = [n + members, tails, dst, np.full(len(sinks), self._deadline_col)]
+        vals = [np.ones(len(members)), np.ones(len(tails)), -np.ones(len(src)), -np.ones(len(sinks))]
+        num_rows, num_cols = len(tails), self._deadline_col + 1
         matrix = sparse.csc_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(row, num_cols)
+            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num_rows, num_cols)
         )
-        single = np.array([len(t) == 1 for t, _ in hulls])
+        inf = highspy.kHighsInf
         lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = num_cols, row
-        lp.col_cost_ = np.concatenate([np.zeros(2 * n), np.ones(n), [self._idle_power]])
-        lp.col_lower_ = np.concatenate(
-            [np.zeros(n), [t[0] for t, _ in hulls], np.where(single, [c[0] for _, c in hulls], -inf), [0.0]]
-        )
-        lp.col_upper_ = np.concatenate([np.full(n, inf), [t[-1] for t, _ in hulls], np.full(n, inf), [inf]])
-        lp.row_lower_ = np.full(row, -inf)
-        lp.row_upper_ = np.concatenate(upper)
+        lp.num_col_, lp.num_row_ = num_cols, num_rows
+        lp.col_cost_ = np.concatenate([np.zeros(n), *slopes, [p2p_power * dag.num_ranks]])
+        lp.col_lower_ = np.zeros(num_cols)
+        lp.col_upper_ = np.concatenate([np.full(n, inf), *lengths, [inf]])
+        lp.row_lower_ = np.full(num_rows, -inf)
+        lp.row_upper_ = -self._fastest[tails]
+        lp.offset_ = float(sum(c[0] for _, c in hulls))
         lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = num_cols, row
+        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = num_cols, num_rows
         lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
         with quiet_stdout():  # HiGHS prints a banner on construction
             self._solver = highspy.Highs()
         self._solver.setOptionValue("output_flag", False)
         self._solver.passModel(lp)
-        self._n = n
 
     def solve(self, deadline: float) -> RelaxedSolution:
         """The relaxation's optimum over iteration times up to ``deadline``: a lower bound for every
@@ -123,14 +100,16 @@ class HullRelaxation:
         return self._solve(earliest, self._highspy.kHighsInf)
 
     def _solve(self, lower: float, upper: float) -> RelaxedSolution:
-        self._solver.changeColBounds(3 * self._n, lower, upper)
+        self._solver.changeColBounds(self._deadline_col, lower, upper)
         self._solver.run()
         status = self._solver.getModelStatus()
         if status != self._highspy.HighsModelStatus.kOptimal:
             raise ValueError(f"the relaxation with deadline in [{lower}, {upper}] s is {self._solver.modelStatusToString(status)}")
         x = np.asarray(self._solver.getSolution().col_value)
+        filled = np.concatenate([[0.0], np.cumsum(x[self._n : self._deadline_col])])
+        durations = self._fastest + filled[self._offsets[1:]] - filled[self._offsets[:-1]]
         bound = self._solver.getInfo().objective_function_value
-        return RelaxedSolution(float(x[3 * self._n]), bound, x[self._n : 2 * self._n].copy())
+        return RelaxedSolution(float(x[self._deadline_col]), bound, durations)
 
 
 @contextmanager
