@@ -115,6 +115,16 @@ def test_plan_points_limits_the_plans(capsys: pytest.CaptureFixture[str], exampl
     assert 2 <= len(Frontier.load(output).plans) <= 5
 
 
+def test_plan_exact_seconds_bounds_the_milp(capsys: pytest.CaptureFixture[str], example_csv: Path, tmp_path: Path) -> None:
+    heuristic, exact = tmp_path / "heuristic.json", tmp_path / "exact.json"
+    assert run_cli(capsys, *plan_args(example_csv, 8, heuristic, "--exact-seconds", "0"))[0] == 0
+    assert run_cli(capsys, *plan_args(example_csv, 8, exact, "--exact-seconds", "2"))[0] == 0
+    assert Frontier.load(exact).fastest.energy <= Frontier.load(heuristic).fastest.energy * (1 + 1e-12)
+    code, _, err = run_cli(capsys, *plan_args(example_csv, 8, tmp_path / "f.json", "--exact-seconds", "-1"))
+    assert code == 2
+    assert err.count("\n") == 1 and "exact_seconds is -1.0" in err and "Fix:" in err
+
+
 def test_plan_refuses_zeus_files_for_other_schedules(
     capsys: pytest.CaptureFixture[str], example_csv: Path, tmp_path: Path
 ) -> None:
