@@ -183,10 +183,11 @@ def run_worker(tmp_path: Path, processes: int, pp: int, steps: int, callback: di
 def test_two_stage_pipeline_saves_energy_at_baseline_speed(tmp_path) -> None:
     callback = {"cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 6, "deploy_iterations": 8,
                 "profiling": FAST_PROFILING}
-    for attempt in range(2):  # other jobs on this machine's 2 cores can swing one run's timing: a second run decides
+    for attempt in range(3):  # other jobs on this machine's 2 cores can swing one run's timing: another run decides
         ranks = run_worker(tmp_path / str(attempt), processes=2, pp=2, steps=64, callback=callback)
         summary = ranks[0]["summary"]
-        if summary["deployed"]["iteration_time_s"] <= TIME_TOLERANCE * summary["baseline"]["iteration_time_s"]:
+        deployed, baseline = summary["deployed"], summary["baseline"]
+        if deployed["energy_j"] < baseline["energy_j"] and deployed["iteration_time_s"] <= TIME_TOLERANCE * baseline["iteration_time_s"]:
             break
     expected = build_schedule("1f1b", 2, 4).actions()
     for result in ranks:
