@@ -15,11 +15,10 @@ import math
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sparse
 
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.options import ClockOptions
-from perseus_lightning.core.relaxation import quiet_stdout
+from perseus_lightning.core.highs_model import load_model, path_rows
 from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations
 
@@ -53,47 +52,25 @@ class ExactPlanner:
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         binaries = int(self._offsets[-1])
         self._start_col, self._time_col = binaries, binaries + n
-        option_node = np.repeat(np.arange(n), sizes)
+        # Rows 0..n-1: one option per node; then the path rows, where a node's duration is sum(t x).
         option_time = np.concatenate([opt.time for opt in options])
-        # Rows 0..n-1: one option per node. Then per edge u->v: sum(t x_u) + s_u - s_v <= 0.
-        # Then per sink: sum(t x) + s - T <= 0.
-        src, dst = dag.edge_sources, dag.edge_targets
-        sinks = np.array([i for i in range(n) if not dag.successors[i]], dtype=np.int64)
-        rows, cols, vals = [option_node], [np.arange(binaries)], [np.ones(binaries)]
-        for first_row, tails in ((n, src), (n + len(src), sinks)):
-            counts = sizes[tails]
-            within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-            members = np.repeat(self._offsets[tails], counts) + within
-            rows += [np.repeat(first_row + np.arange(len(tails)), counts), first_row + np.arange(len(tails))]
-            cols += [members, self._start_col + tails]
-            vals += [option_time[members], np.ones(len(tails))]
-        rows += [n + np.arange(len(src)), n + len(src) + np.arange(len(sinks))]
-        cols += [self._start_col + dst, np.full(len(sinks), self._time_col)]
-        vals += [-np.ones(len(src)), -np.ones(len(sinks))]
-        num_rows, num_cols = n + len(src) + len(sinks), self._time_col + 1
-        matrix = sparse.csc_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num_rows, num_cols)
-        )
+        rows, cols, vals, tails = path_rows(dag, self._offsets, option_time, 0, binaries, self._time_col)
+        rows = [np.repeat(np.arange(n), sizes), *(r + n for r in rows)]
+        cols, vals = [np.arange(binaries), *cols], [np.ones(binaries), *vals]
         inf = highspy.kHighsInf
         lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = num_cols, num_rows
+        lp.num_col_, lp.num_row_ = self._time_col + 1, n + len(tails)
         lp.col_cost_ = np.concatenate([np.concatenate([opt.cost for opt in options]), np.zeros(n), [p2p_power * dag.num_ranks]])
-        lp.col_lower_ = np.zeros(num_cols)
+        lp.col_lower_ = np.zeros(lp.num_col_)
         lp.col_upper_ = np.concatenate([np.ones(binaries), np.full(n + 1, inf)])
-        lp.row_lower_ = np.concatenate([np.ones(n), np.full(num_rows - n, -inf)])
-        lp.row_upper_ = np.concatenate([np.ones(n), np.zeros(num_rows - n)])
+        lp.row_lower_ = np.concatenate([np.ones(n), np.full(len(tails), -inf)])
+        lp.row_upper_ = np.concatenate([np.ones(n), np.zeros(len(tails))])
         lp.integrality_ = [highspy.HighsVarType.kInteger] * binaries + [highspy.HighsVarType.kContinuous] * (n + 1)
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = num_cols, num_rows
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
-        with quiet_stdout():  # HiGHS prints a banner on construction
-            self._solver = highspy.Highs()
+        self._solver = load_model(lp, rows, cols, vals)
         for option, value in (
-            ("output_flag", False), ("mip_rel_gap", 0.0), ("mip_abs_gap", 1e-9), ("mip_feasibility_tolerance", 1e-9),
-            ("mip_max_nodes", EXACT_MAX_NODES),
+            ("mip_rel_gap", 0.0), ("mip_abs_gap", 1e-9), ("mip_feasibility_tolerance", 1e-9), ("mip_max_nodes", EXACT_MAX_NODES),
         ):
             self._solver.setOptionValue(option, value)
-        self._solver.passModel(lp)
 
     @staticmethod
     def fits(options: list[ClockOptions]) -> bool:

@@ -37,8 +37,8 @@ from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
-from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
+from perseus_lightning.core.simulator import SimulationResult, simulate
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, reclaim_slack
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -207,7 +207,7 @@ def plan_frontier(
             sweep.plan_for(0.5 * (a.iteration_time + b.iteration_time), seed=a)
         plans = _frontier_of(sweep.found, t_min)
     if exact_seconds > 0 and ExactPlanner.fits(sweep.options):
-        plans = _plan_exactly(sweep, t_min, time.monotonic() + exact_seconds, fill_gaps=points is None)
+        plans = _plan_exactly(sweep, plans, t_min, time.monotonic() + exact_seconds, fill_gaps=points is None)
     return Frontier(dag, p2p_power, (t_min, sweep.baseline.energy), plans)
 
 
@@ -215,12 +215,13 @@ def _wide_gaps(plans: list[FrontierPlan], t_min: float) -> list[tuple[FrontierPl
     return [(a, b) for a, b in zip(plans, plans[1:]) if b.iteration_time - a.iteration_time > MAX_SPACING * t_min]
 
 
-def _plan_exactly(sweep: _Sweep, t_min: float, until: float, fill_gaps: bool) -> list[FrontierPlan]:
-    """Solve the MILP at ``T_min``, then, while time is left, split each wide gap ``(a, b)`` with the
-    cheapest plan finishing by its middle, or else by just before ``b``; a gap where neither beats
-    ``a`` holds no cheaper plan (proven when both solves were optimal) and is left alone."""
+def _plan_exactly(sweep: _Sweep, plans: list[FrontierPlan], t_min: float, until: float, fill_gaps: bool) -> list[FrontierPlan]:
+    """From the frontier ``plans`` of the sweep: solve the MILP at ``T_min``, then, while time is
+    left, split each wide gap ``(a, b)`` with the cheapest plan finishing by its middle, or else by
+    just before ``b``; a gap where neither beats ``a`` holds no cheaper plan (proven when both
+    solves were optimal) and is left alone."""
     exact = ExactPlanner(sweep.dag, sweep.options, sweep.p2p_power)
-    sweep.plan_exactly(exact, t_min, _frontier_of(sweep.found, t_min)[0], until)
+    sweep.plan_exactly(exact, t_min, plans[0], until)
     plans = _frontier_of(sweep.found, t_min)
     settled: set[tuple[float, float]] = set()
     while fill_gaps and time.monotonic() < until:
@@ -256,9 +257,10 @@ class _Sweep:
     def plan_exactly(self, exact: ExactPlanner, deadline: float, seed: FrontierPlan, until: float) -> FrontierPlan:
         """The MILP's plan for ``deadline`` (at most until the clock reads ``until``), from ``seed``."""
         choice = exact.solve(deadline, self._choices[id(seed)], max(until - time.monotonic(), 0.01)).choice
-        if earliest_schedule(self.dag, option_durations(self.options, choice))[1].max() > deadline * (1 + DEADLINE_TOLERANCE):
-            choice = self._choices[id(seed)]  # beyond the deadline by more than float noise: keep the seed
-        return self._record(choice, deadline)
+        result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+        if result.iteration_time > deadline * (1 + DEADLINE_TOLERANCE):
+            return seed  # the solver's plan ends past the deadline by more than float noise: keep the seed
+        return self._record(choice, result, deadline)
 
     def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
         """Plan for ``deadline``; ``seed`` (a plan found earlier) replaces the previous plan as a seed."""
@@ -273,14 +275,13 @@ class _Sweep:
         results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
         best = int(np.argmin([r.energy for r in results]))
         self.previous = reclaimed[best]
-        self._record(reclaimed[best], deadline, relaxed.lower_bound, results[best])
+        self._record(reclaimed[best], results[best], deadline, relaxed.lower_bound)
 
     def _record(
-        self, choice: np.ndarray, deadline: float, lower_bound: float | None = None, result: SimulationResult | None = None
+        self, choice: np.ndarray, result: SimulationResult, deadline: float, lower_bound: float | None = None
     ) -> FrontierPlan:
-        """Add the plan of option indices ``choice``, planned for ``deadline``, to :attr:`found`."""
-        if result is None:
-            result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+        """Add the plan of option indices ``choice``, simulated as ``result`` and planned for
+        ``deadline``, to :attr:`found`."""
         if lower_bound is None:
             lower_bound = self.relaxation.solve(deadline).lower_bound
         found = FrontierPlan(result.iteration_time, result.energy, FrequencyPlan(tuple(result.frequencies.tolist())), lower_bound)

@@ -11,15 +11,12 @@ deadline's bound changes, so every solve after the first starts from the previou
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 import numpy as np
-import scipy.sparse as sparse
 
 from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.highs_model import load_model, path_rows
 from perseus_lightning.core.options import ClockOptions
 
 
@@ -59,36 +56,17 @@ class HullRelaxation:
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         segments = int(self._offsets[-1])
         self._n, self._deadline_col = n, n + segments
-        # Row k < len(edges): s_u + segments of u - s_v <= -fastest_u; then per sink: s + segments - D <= -fastest.
-        src, dst = dag.edge_sources, dag.edge_targets
-        sinks = np.array([i for i in range(n) if not dag.successors[i]], dtype=np.int64)
-        tails = np.concatenate([src, sinks])
-        counts = sizes[tails]
-        within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
-        members = np.repeat(self._offsets[tails], counts) + within
-        rows = [np.repeat(np.arange(len(tails)), counts), np.arange(len(tails)), np.arange(len(src)), len(src) + np.arange(len(sinks))]
-        cols = [n + members, tails, dst, np.full(len(sinks), self._deadline_col)]
-        vals = [np.ones(len(members)), np.ones(len(tails)), -np.ones(len(src)), -np.ones(len(sinks))]
-        num_rows, num_cols = len(tails), self._deadline_col + 1
-        matrix = sparse.csc_matrix(
-            (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(num_rows, num_cols)
-        )
+        rows, cols, vals, tails = path_rows(dag, self._offsets, np.ones(segments), n, 0, self._deadline_col)
         inf = highspy.kHighsInf
         lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = num_cols, num_rows
+        lp.num_col_, lp.num_row_ = self._deadline_col + 1, len(tails)
         lp.col_cost_ = np.concatenate([np.zeros(n), *slopes, [p2p_power * dag.num_ranks]])
-        lp.col_lower_ = np.zeros(num_cols)
+        lp.col_lower_ = np.zeros(lp.num_col_)
         lp.col_upper_ = np.concatenate([np.full(n, inf), *lengths, [inf]])
-        lp.row_lower_ = np.full(num_rows, -inf)
-        lp.row_upper_ = -self._fastest[tails]
+        lp.row_lower_ = np.full(lp.num_row_, -inf)
+        lp.row_upper_ = -self._fastest[tails]  # the fastest time is the duration's constant part
         lp.offset_ = float(sum(c[0] for _, c in hulls))
-        lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
-        lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = num_cols, num_rows
-        lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
-        with quiet_stdout():  # HiGHS prints a banner on construction
-            self._solver = highspy.Highs()
-        self._solver.setOptionValue("output_flag", False)
-        self._solver.passModel(lp)
+        self._solver = load_model(lp, rows, cols, vals)
 
     def solve(self, deadline: float) -> RelaxedSolution:
         """The relaxation's optimum over iteration times up to ``deadline``: a lower bound for every
@@ -110,19 +88,3 @@ class HullRelaxation:
         durations = self._fastest + filled[self._offsets[1:]] - filled[self._offsets[:-1]]
         bound = self._solver.getInfo().objective_function_value
         return RelaxedSolution(float(x[self._deadline_col]), bound, durations)
-
-
-@contextmanager
-def quiet_stdout() -> Iterator[None]:
-    """Silence the C-level standard output (file descriptor 1) for the duration."""
-    import sys
-
-    sys.stdout.flush()
-    saved = os.dup(1)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 1)
-            yield
-    finally:
-        os.dup2(saved, 1)
-        os.close(saved)

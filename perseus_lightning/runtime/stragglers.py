@@ -126,11 +126,11 @@ class StragglerDetector:
             self._value = self._median(self._straggler)
 
     def _follow_episode(self) -> None:
-        reporting = [i for i, h in enumerate(self._history) if h]
-        if all(self._median(i) < 1 + self.recovery for i in reporting):
+        medians = {i: self._median(i) for i, h in enumerate(self._history) if h}
+        if all(m < 1 + self.recovery for m in medians.values()):
             self._straggler = self._value = None
             return
-        slowest = max(reporting, key=self._median)
-        target = max(self._median(slowest), 1.0)
+        slowest = max(medians, key=medians.__getitem__)
+        target = max(medians[slowest], 1.0)
         if abs(target - self._value) > self.threshold / 2:
             self._straggler, self._value = slowest, target

@@ -1,0 +1,76 @@
+"""HiGHS models of a DAG's path constraints, shared by the LP relaxation and the exact MILP.
+
+Both models give every node a start column ``s`` and a set of *duration columns* whose weighted
+sum is (the variable part of) its duration, plus one iteration-time column ``T``; both need one
+row per edge ``u -> v`` (``u`` ends before ``v`` starts) and one per sink (it ends by ``T``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import numpy as np
+import scipy.sparse as sparse
+
+from perseus_lightning.core.dag import InstructionDAG
+
+
+def path_rows(
+    dag: InstructionDAG, offsets: np.ndarray, weights: np.ndarray, first_duration_col: int, first_start_col: int, time_col: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Coordinates of the path rows, numbered from 0: per edge ``u -> v`` (in ``dag.edge_sources``
+    order), ``weights . durations(u) + s_u - s_v``; then per sink ``i``, ``weights . durations(i) + s_i - T``.
+
+    Node ``i``'s duration columns are ``first_duration_col + offsets[i]`` up to ``first_duration_col
+    + offsets[i + 1]``, weighted by ``weights[offsets[i]:offsets[i + 1]]``; its start column is
+    ``first_start_col + i``. Returns ``(rows, cols, vals, tails)``: lists of arrays for a COO matrix,
+    and each row's tail node, whose constant duration part the caller puts in the row's bound.
+    """
+    src, dst = dag.edge_sources, dag.edge_targets
+    sinks = np.array([i for i in range(dag.num_nodes) if not dag.successors[i]], dtype=np.int64)
+    tails = np.concatenate([src, sinks])
+    counts = np.diff(offsets)[tails]
+    within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
+    members = np.repeat(offsets[tails], counts) + within
+    row_of_tail = np.arange(len(tails))
+    rows = [np.repeat(row_of_tail, counts), row_of_tail, np.arange(len(src)), len(src) + np.arange(len(sinks))]
+    cols = [first_duration_col + members, first_start_col + tails, first_start_col + dst, np.full(len(sinks), time_col)]
+    vals = [weights[members], np.ones(len(tails)), -np.ones(len(src)), -np.ones(len(sinks))]
+    return rows, cols, vals, tails
+
+
+def load_model(lp: Any, rows: list[np.ndarray], cols: list[np.ndarray], vals: list[np.ndarray]) -> Any:
+    """A quiet ``highspy.Highs`` holding ``lp`` (columns, bounds and costs set) with the constraint
+    matrix given by COO coordinates."""
+    import highspy
+
+    matrix = sparse.csc_matrix(
+        (np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(lp.num_row_, lp.num_col_)
+    )
+    lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
+    lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = lp.num_col_, lp.num_row_
+    lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
+    with _quiet_stdout():  # HiGHS prints a banner on construction
+        solver = highspy.Highs()
+    solver.setOptionValue("output_flag", False)
+    solver.passModel(lp)
+    return solver
+
+
+@contextmanager
+def _quiet_stdout() -> Iterator[None]:
+    """Silence the C-level standard output (file descriptor 1) for the duration."""
+    import sys
+
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as devnull:
+            os.dup2(devnull.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
