@@ -89,6 +89,11 @@ class InstructionDAG:
         """Successors of every node."""
         return _adjacency(self.num_nodes, self.edge_sources, self.edge_targets)
 
+    @cached_property
+    def sinks(self) -> np.ndarray:
+        """Nodes without successors."""
+        return np.flatnonzero(np.bincount(self.edge_sources, minlength=self.num_nodes) == 0)
+
     def rank_nodes(self, rank: int) -> range:
         """Node ids of ``rank`` in execution order (nodes are numbered rank by rank)."""
         start = sum(len(o) for o in self.schedule.rank_orders[:rank])

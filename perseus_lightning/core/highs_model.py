@@ -21,16 +21,29 @@ from perseus_lightning.core.dag import InstructionDAG
 def path_rows(
     dag: InstructionDAG, offsets: np.ndarray, weights: np.ndarray, first_duration_col: int, first_start_col: int, time_col: int
 ) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """Coordinates of the path rows, numbered from 0: per edge ``u -> v`` (in ``dag.edge_sources``
-    order), ``weights . durations(u) + s_u - s_v``; then per sink ``i``, ``weights . durations(i) + s_i - T``.
+    """The path rows of ``dag``'s edges and sinks (see :func:`edge_rows`)."""
+    return edge_rows(dag.edge_sources, dag.edge_targets, dag.sinks, offsets, weights, first_duration_col, first_start_col, time_col)
+
+
+def edge_rows(
+    sources: np.ndarray,
+    targets: np.ndarray,
+    sinks: np.ndarray,
+    offsets: np.ndarray,
+    weights: np.ndarray,
+    first_duration_col: int,
+    first_start_col: int,
+    time_col: int,
+) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], np.ndarray]:
+    """Coordinates of the path rows, numbered from 0: per edge ``u -> v`` (``sources[k] -> targets[k]``),
+    ``weights . durations(u) + s_u - s_v``; then per sink ``i``, ``weights . durations(i) + s_i - T``.
 
     Node ``i``'s duration columns are ``first_duration_col + offsets[i]`` up to ``first_duration_col
     + offsets[i + 1]``, weighted by ``weights[offsets[i]:offsets[i + 1]]``; its start column is
     ``first_start_col + i``. Returns ``(rows, cols, vals, tails)``: lists of arrays for a COO matrix,
     and each row's tail node, whose constant duration part the caller puts in the row's bound.
     """
-    src, dst = dag.edge_sources, dag.edge_targets
-    sinks = np.array([i for i in range(dag.num_nodes) if not dag.successors[i]], dtype=np.int64)
+    src, dst = sources, targets
     tails = np.concatenate([src, sinks])
     counts = np.diff(offsets)[tails]
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)

@@ -10,6 +10,10 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`), also starting from
    the previous deadline's plan, and keeps the cheaper of the two.
 
+Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
+(:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
+the number of microbatches, but it gives no lower bound.
+
 Pipelines small enough for the exact MILP (:mod:`perseus_lightning.core.exact`) then get, within a
 time budget, an optimal zero-slowdown plan and every gap wider than ``MAX_SPACING`` either filled
 or proven to hold no plan cheaper than its faster end.
@@ -33,12 +37,13 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.errors import PlanError, read_json
 from perseus_lightning.core.exact import ExactPlanner
 from perseus_lightning.core.options import ClockOptions, clock_options
+from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
-from perseus_lightning.core.simulator import SimulationResult, simulate
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, reclaim_slack
+from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -49,6 +54,8 @@ FLAT_TOLERANCE = 1e-3
 """Plans within this fraction of the minimum energy count as reaching ``T*``."""
 EXACT_SECONDS = 5.0
 """Default time budget of the exact MILP solves, per frontier (only small pipelines use them)."""
+PERIODIC_MIN_NODES = 4096
+"""Instructions from which a synchronous-1F1B pipeline is planned with the periodic LP."""
 _ROUNDING_TOLERANCE = 1e-9
 _MAX_REFINEMENTS = 4
 _CHEAPER = 1e-9
@@ -66,7 +73,7 @@ class FrontierPlan:
     plan: FrequencyPlan
     lower_bound: float | None = None
     """The LP bound (J) at the deadline this plan was planned for; the bound at the plan's own,
-    possibly shorter, iteration time is at least as high."""
+    possibly shorter, iteration time is at least as high. ``None`` for plans of the periodic LP."""
 
 
 class Frontier:
@@ -205,6 +212,7 @@ def plan_frontier(
             break
         for a, b in gaps:
             sweep.plan_for(0.5 * (a.iteration_time + b.iteration_time), seed=a)
+            sweep.blend(a, b)
         plans = _frontier_of(sweep.found, t_min)
     if exact_seconds > 0 and ExactPlanner.fits(sweep.options):
         plans = _plan_exactly(sweep, plans, t_min, time.monotonic() + exact_seconds, fill_gaps=points is None)
@@ -248,7 +256,11 @@ class _Sweep:
         self.stage_profile = profile.for_stages(dag.schedule.stage_ranks)
         self.baseline = simulate(dag, self.stage_profile, p2p_power)
         self.options = clock_options(dag, self.stage_profile, p2p_power)
-        self.relaxation = HullRelaxation(dag, self.options, p2p_power)
+        periodic = (
+            PeriodicRelaxation.fitting(dag, self.options, p2p_power, self.baseline.iteration_time)
+            if dag.num_nodes >= PERIODIC_MIN_NODES else None
+        )
+        self.relaxation = periodic or HullRelaxation(dag, self.options, p2p_power)
         self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
         self.previous = self.fastest
         self.found: list[FrontierPlan] = []
@@ -260,7 +272,7 @@ class _Sweep:
         result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
         if result.iteration_time > deadline * (1 + DEADLINE_TOLERANCE):
             return seed  # the solver's plan ends past the deadline by more than float noise: keep the seed
-        return self._record(choice, result, deadline)
+        return self._record(choice, result, self.relaxation.solve(deadline).lower_bound)
 
     def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
         """Plan for ``deadline``; ``seed`` (a plan found earlier) replaces the previous plan as a seed."""
@@ -275,15 +287,25 @@ class _Sweep:
         results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
         best = int(np.argmin([r.energy for r in results]))
         self.previous = reclaimed[best]
-        self._record(reclaimed[best], results[best], deadline, relaxed.lower_bound)
+        self._record(reclaimed[best], results[best], relaxed.lower_bound)
 
-    def _record(
-        self, choice: np.ndarray, result: SimulationResult, deadline: float, lower_bound: float | None = None
-    ) -> FrontierPlan:
-        """Add the plan of option indices ``choice``, simulated as ``result`` and planned for
-        ``deadline``, to :attr:`found`."""
-        if lower_bound is None:
-            lower_bound = self.relaxation.solve(deadline).lower_bound
+    def blend(self, faster: FrontierPlan, slower: FrontierPlan, parts: int = 4) -> None:
+        """Plans between two neighbours of the frontier: the instructions that start in the first
+        ``k / parts`` of ``faster``'s iteration take ``slower``'s clocks, the rest keep ``faster``'s,
+        and slack is reclaimed. Those that end before ``slower`` and cost less than ``faster`` are kept."""
+        fast, slow = self._choices[id(faster)], self._choices[id(slower)]
+        start, _ = earliest_schedule(self.dag, option_durations(self.options, fast))
+        for k in range(1, parts):
+            choice = np.where(start < faster.iteration_time * k / parts, slow, fast)
+            result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+            choice = reclaim_slack(self.dag, self.options, choice, result.iteration_time)
+            result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+            if result.iteration_time < slower.iteration_time and result.energy < faster.energy * (1 - _CHEAPER):
+                self._record(choice, result, self.relaxation.solve(result.iteration_time).lower_bound)
+
+    def _record(self, choice: np.ndarray, result: SimulationResult, lower_bound: float | None) -> FrontierPlan:
+        """Add the plan of option indices ``choice``, simulated as ``result``, with the relaxation's
+        ``lower_bound`` at the deadline it was planned for, to :attr:`found`."""
         found = FrontierPlan(result.iteration_time, result.energy, FrequencyPlan(tuple(result.frequencies.tolist())), lower_bound)
         self.found.append(found)
         self._choices[id(found)] = choice

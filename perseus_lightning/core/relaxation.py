@@ -12,6 +12,7 @@ deadline's bound changes, so every solve after the first starts from the previou
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -25,13 +26,66 @@ class RelaxedSolution:
     """Optimum of the relaxation at one deadline."""
 
     deadline: float
-    lower_bound: float
-    """Iteration energy (J) that no plan finishing by ``deadline`` can beat."""
+    lower_bound: float | None
+    """Iteration energy (J) that no plan finishing by ``deadline`` can beat; ``None`` from a
+    restricted LP (:mod:`perseus_lightning.core.periodic`), which bounds nothing."""
     durations: np.ndarray
     """Per-node durations of the relaxed optimum."""
 
 
-class HullRelaxation:
+class SegmentLP:
+    """An LP whose node durations are each node's fastest time plus its filled hull segments, with
+    an iteration-time column ``D``: solvable at any deadline (subclasses build the model)."""
+
+    bounds = True
+    """Whether the optimum is a lower bound on every plan's energy (not for restrictions)."""
+    _solver: Any
+    _fastest: np.ndarray
+    _offsets: np.ndarray
+    _first_segment_col: int
+    _deadline_col: int
+
+    def solve(self, deadline: float) -> RelaxedSolution:
+        """The optimum over iteration times up to ``deadline`` (past ``T*`` it stays at ``T*``)."""
+        return self._solve(0.0, deadline)
+
+    def min_energy(self, earliest: float = 0.0) -> RelaxedSolution:
+        """The minimum-energy point over all deadlines from ``earliest`` on: the LP's ``T*``."""
+        import highspy
+
+        return self._solve(earliest, highspy.kHighsInf)
+
+    def admits(self, deadline: float) -> bool:
+        """Whether the LP has a solution finishing by ``deadline``."""
+        import highspy
+
+        self._solver.changeColBounds(self._deadline_col, 0.0, deadline)
+        self._solver.run()
+        return self._solver.getModelStatus() == highspy.HighsModelStatus.kOptimal
+
+    def _unfold(self, durations: np.ndarray) -> np.ndarray:
+        """Per-DAG-node durations of the LP's per-column-node ``durations``."""
+        return durations
+
+    def _solve(self, lower: float, upper: float) -> RelaxedSolution:
+        import highspy
+
+        self._solver.changeColBounds(self._deadline_col, lower, upper)
+        self._solver.run()
+        status = self._solver.getModelStatus()
+        if status != highspy.HighsModelStatus.kOptimal:
+            raise ValueError(
+                f"{type(self).__name__} with deadline in [{lower}, {upper}] s is {self._solver.modelStatusToString(status)}"
+            )
+        x = np.asarray(self._solver.getSolution().col_value)
+        segments = x[self._first_segment_col : self._first_segment_col + self._offsets[-1]]
+        filled = np.concatenate([[0.0], np.cumsum(segments)])
+        durations = self._fastest + filled[self._offsets[1:]] - filled[self._offsets[:-1]]
+        bound = self._solver.getInfo().objective_function_value if self.bounds else None
+        return RelaxedSolution(float(x[self._deadline_col]), bound, self._unfold(durations))
+
+
+class HullRelaxation(SegmentLP):
     """The convex-hull LP of one DAG, re-solvable at any deadline.
 
     Each node's duration is its fastest time plus one variable per hull segment, bounded by the
@@ -46,7 +100,6 @@ class HullRelaxation:
     def __init__(self, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float) -> None:
         import highspy
 
-        self._highspy = highspy
         n = dag.num_nodes
         hulls = [opt.lower_hull() for opt in options]
         self._fastest = np.array([t[0] for t, _ in hulls])
@@ -55,7 +108,7 @@ class HullRelaxation:
         sizes = np.array([len(x) for x in lengths])
         self._offsets = np.concatenate([[0], np.cumsum(sizes)])
         segments = int(self._offsets[-1])
-        self._n, self._deadline_col = n, n + segments
+        self._first_segment_col, self._deadline_col = n, n + segments
         rows, cols, vals, tails = path_rows(dag, self._offsets, np.ones(segments), n, 0, self._deadline_col)
         inf = highspy.kHighsInf
         lp = highspy.HighsLp()
@@ -67,24 +120,3 @@ class HullRelaxation:
         lp.row_upper_ = -self._fastest[tails]  # the fastest time is the duration's constant part
         lp.offset_ = float(sum(c[0] for _, c in hulls))
         self._solver = load_model(lp, rows, cols, vals)
-
-    def solve(self, deadline: float) -> RelaxedSolution:
-        """The relaxation's optimum over iteration times up to ``deadline``: a lower bound for every
-        plan that finishes by ``deadline`` (past ``T*`` the optimum stays at ``T*``)."""
-        return self._solve(0.0, deadline)
-
-    def min_energy(self, earliest: float = 0.0) -> RelaxedSolution:
-        """The relaxation's minimum-energy point over all deadlines from ``earliest`` on: its ``T*``."""
-        return self._solve(earliest, self._highspy.kHighsInf)
-
-    def _solve(self, lower: float, upper: float) -> RelaxedSolution:
-        self._solver.changeColBounds(self._deadline_col, lower, upper)
-        self._solver.run()
-        status = self._solver.getModelStatus()
-        if status != self._highspy.HighsModelStatus.kOptimal:
-            raise ValueError(f"the relaxation with deadline in [{lower}, {upper}] s is {self._solver.modelStatusToString(status)}")
-        x = np.asarray(self._solver.getSolution().col_value)
-        filled = np.concatenate([[0.0], np.cumsum(x[self._n : self._deadline_col])])
-        durations = self._fastest + filled[self._offsets[1:]] - filled[self._offsets[:-1]]
-        bound = self._solver.getInfo().objective_function_value
-        return RelaxedSolution(float(x[self._deadline_col]), bound, durations)

@@ -1,0 +1,141 @@
+"""The periodic LP of long synchronous-1F1B pipelines: the relaxation folded to one period.
+
+In 1F1B's steady state every rank repeats one forward-backward pair per microbatch. The periodic
+LP restricts the steady state, except ``margin`` pairs at each end, to be periodic: every such
+pair of a rank takes the same durations and starts one period ``P`` after the previous one. The
+DAG then folds into one representative pair per rank plus the warm-up, the cool-down and the
+margins: about ``S * (S + 2 * margin)`` instructions whatever the number of microbatches, with
+``P`` as one more variable. Each edge ``u -> v`` of the full DAG, between instances ``k_u`` and
+``k_v`` of their representatives, becomes ``s_u + d_u + (k_u - k_v) * P <= s_v`` (head and tail
+instructions are instance 0); only the tightest row per pair of representatives is kept.
+
+Periodic plans are a subset of all plans, so the LP's optimum is an estimate from above of the
+full relaxation's, not a lower bound. The planner uses its durations exactly as it uses the full
+relaxation's: it rounds them, reclaims slack and simulates the plan on the full DAG.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.highs_model import edge_rows, load_model
+from perseus_lightning.core.options import ClockOptions
+from perseus_lightning.core.relaxation import SegmentLP
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE
+
+MARGIN = 2
+"""Steady-state pairs at each end of a rank's steady state that keep their own durations."""
+
+
+@dataclass(frozen=True)
+class SteadyStateFolding:
+    """How the full DAG's nodes map onto the folded one."""
+
+    representative: np.ndarray
+    """Per full node, its folded node (0-based, in ascending full-node order of representatives)."""
+    instance: np.ndarray
+    """Per full node, the period it repeats its representative in (0 outside the folded steady state)."""
+    nodes: np.ndarray
+    """Full node id of each folded node."""
+
+    @classmethod
+    def of(cls, dag: InstructionDAG, margin: int = MARGIN) -> SteadyStateFolding | None:
+        """The folding of a synchronous-1F1B ``dag``; ``None`` for other schedules or when no rank
+        has a steady state longer than its two margins."""
+        schedule = dag.schedule
+        if schedule.name != "1f1b" or schedule.num_stages != dag.num_ranks:
+            return None
+        representative = np.arange(dag.num_nodes)
+        instance = np.zeros(dag.num_nodes, dtype=np.int64)
+        for rank in range(dag.num_ranks):
+            nodes = np.asarray(dag.rank_nodes(rank))
+            warmup = min(dag.num_ranks - rank - 1, schedule.num_microbatches)
+            folded = np.arange(margin, schedule.num_microbatches - warmup - margin)  # steady pairs that repeat
+            if len(folded) < 2:
+                continue
+            for offset in (0, 1):  # the pair's forward, then its backward
+                members = nodes[warmup + 2 * folded + offset]
+                representative[members] = members[0]
+                instance[members] = folded - folded[0]
+        if not instance.any():
+            return None
+        kept = np.unique(representative)
+        local = np.full(dag.num_nodes, -1)
+        local[kept] = np.arange(len(kept))
+        return cls(local[representative], instance, kept)
+
+
+class PeriodicRelaxation(SegmentLP):
+    """The periodic LP of one 1F1B DAG, re-solvable at any deadline, like
+    :class:`~perseus_lightning.core.relaxation.HullRelaxation` but with no lower bound."""
+
+    bounds = False
+
+    def __init__(self, dag: InstructionDAG, folding: SteadyStateFolding, options: list[ClockOptions], p2p_power: float) -> None:
+        import highspy
+
+        self._folding = folding
+        m = len(folding.nodes)
+        copies = np.bincount(folding.representative, minlength=m)
+        hulls = [options[node].lower_hull() for node in folding.nodes.tolist()]
+        self._fastest = np.array([t[0] for t, _ in hulls])
+        lengths = [np.diff(t) for t, _ in hulls]
+        slopes = [k * np.diff(c) / np.diff(t) for k, (t, c) in zip(copies.tolist(), hulls)]
+        self._offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])])
+        segments = int(self._offsets[-1])
+        self._first_segment_col, self._period_col, self._deadline_col = m, m + segments, m + segments + 1
+        sources, targets, edge_lags = _tightest(
+            folding.representative[dag.edge_sources], folding.representative[dag.edge_targets],
+            folding.instance[dag.edge_sources] - folding.instance[dag.edge_targets], m,
+        )
+        sinks, sink_lags = _tightest(folding.representative[dag.sinks], None, folding.instance[dag.sinks], m)
+        rows, cols, vals, tails = edge_rows(sources, targets, sinks, self._offsets, np.ones(segments), m, 0, self._deadline_col)
+        lags = np.concatenate([edge_lags, sink_lags])
+        periodic = np.flatnonzero(lags)
+        rows.append(periodic)
+        cols.append(np.full(len(periodic), self._period_col))
+        vals.append(lags[periodic].astype(float))
+        inf = highspy.kHighsInf
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = self._deadline_col + 1, len(tails)
+        lp.col_cost_ = np.concatenate([np.zeros(m), *slopes, [0.0, p2p_power * dag.num_ranks]])
+        lp.col_lower_ = np.zeros(lp.num_col_)
+        lp.col_upper_ = np.concatenate([np.full(m, inf), *lengths, [inf, inf]])
+        lp.row_lower_ = np.full(lp.num_row_, -inf)
+        lp.row_upper_ = -self._fastest[tails]
+        lp.offset_ = float(sum(k * c[0] for k, (_, c) in zip(copies.tolist(), hulls)))
+        self._solver = load_model(lp, rows, cols, vals)
+
+    @classmethod
+    def fitting(
+        cls, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float, t_min: float
+    ) -> PeriodicRelaxation | None:
+        """The periodic LP with the smallest margin (``MARGIN``, doubled as needed) that admits a
+        plan finishing by ``t_min``: the steady state of the all-max-clock schedule must have settled
+        into its period within the margin. ``None`` when no folding of ``dag`` does."""
+        margin = MARGIN
+        while (folding := SteadyStateFolding.of(dag, margin)) is not None:
+            relaxation = cls(dag, folding, options, p2p_power)
+            if relaxation.admits(t_min * (1 + DEADLINE_TOLERANCE)):
+                return relaxation
+            margin *= 2
+        return None
+
+    def _unfold(self, durations: np.ndarray) -> np.ndarray:
+        return durations[self._folding.representative]
+
+
+def _tightest(
+    sources: np.ndarray, targets: np.ndarray | None, lags: np.ndarray, m: int
+) -> tuple[np.ndarray, ...]:
+    """The rows with the largest lag per (source, target) pair (per source when ``targets`` is None):
+    with ``P >= 0`` they imply all others."""
+    key = sources * m + (targets if targets is not None else 0)
+    order = np.lexsort((-lags, key))
+    first = order[np.concatenate([[True], np.diff(key[order]) != 0])]
+    if targets is None:
+        return sources[first], lags[first]
+    return sources[first], targets[first], lags[first]
