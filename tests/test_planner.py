@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,7 +28,7 @@ from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WE
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import earliest_schedule, simulate
-from perseus_lightning.core.slack import option_durations, reclaim_slack
+from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_forward
 
 P2P_POWER = 83.64
 """Measured A100 blocking power (W)."""
@@ -280,22 +280,38 @@ def total_cost(options: list[ClockOptions], choice: np.ndarray) -> float:
     return float(sum(opt.cost[k] for opt, k in zip(options, choice.tolist())))
 
 
+@pytest.mark.parametrize("reclaim", [reclaim_slack, reclaim_slack_forward])
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("headroom", [1.0, 1.02, 1.15])
 def test_reclaim_slack_keeps_the_deadline_never_costs_more_and_is_idempotent(
-    slack_instance: tuple[InstructionDAG, list[ClockOptions]], seed: int, headroom: float
+    slack_instance: tuple[InstructionDAG, list[ClockOptions]], seed: int, headroom: float, reclaim: Callable[..., np.ndarray | None]
 ) -> None:
     dag, options = slack_instance
     rng = np.random.default_rng(seed)
     choice = np.array([rng.integers(len(opt.time)) for opt in options])
     deadline = iteration_time(dag, options, choice) * headroom
-    reclaimed = reclaim_slack(dag, options, choice, deadline)
+    reclaimed = reclaim(dag, options, choice, deadline)
+    assert reclaimed is not None
     assert iteration_time(dag, options, reclaimed) <= deadline * (1 + 1e-9)
     for opt, before, after in zip(options, choice.tolist(), reclaimed.tolist()):
         assert opt.cost[after] <= opt.cost[before]
-    assert np.array_equal(reclaim_slack(dag, options, reclaimed, deadline), reclaimed)
+    assert np.array_equal(reclaim(dag, options, reclaimed, deadline), reclaimed)
     if headroom > 1.1:
         assert total_cost(options, reclaimed) < total_cost(options, choice)
+    assert reclaim(dag, options, choice, deadline / headroom * 0.99) is None  # the choice itself misses it
+
+
+def test_backward_reclamation_slows_the_last_instruction_forward_the_first() -> None:
+    # One rank, forward then backward, two clocks each; the slack fits either one's slower clock, not both.
+    profile = smooth_profile((1260, 1410), [(0.03, 0.06)])
+    dag = dag_of("1f1b", 1, 1)
+    options = clock_options(dag, profile, P2P_POWER)
+    fastest = np.zeros(2, dtype=np.int64)
+    extra = [float(opt.time[1] - opt.time[0]) for opt in options]  # forward's, backward's
+    deadline = iteration_time(dag, options, fastest) + 0.5 * (max(extra) + sum(extra))
+    assert max(extra) < deadline - iteration_time(dag, options, fastest) < sum(extra)
+    assert reclaim_slack(dag, options, fastest, deadline).tolist() == [0, 1]
+    assert reclaim_slack_forward(dag, options, fastest, deadline).tolist() == [1, 0]
 
 
 def test_reclaim_slack_slows_non_critical_instructions_at_zero_slowdown(

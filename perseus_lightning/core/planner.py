@@ -6,9 +6,11 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 1. solves the convex-hull LP relaxation (:mod:`perseus_lightning.core.relaxation`), warm-started
    from the previous deadline, which also gives the lower bound that no plan can beat;
 2. rounds every instruction to its cheapest profiled clock no slower than its relaxed duration,
-   which keeps every path within the deadline;
-3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`), also starting from
-   the previous deadline's plan, and keeps the cheaper of the two.
+   and, apart, to its cheapest lower-hull clock no slower than it (on a non-convex profile the
+   clocks above the hull can be poor buys); both keep every path within the deadline;
+3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both, also
+   starting from the previous deadline's plan, each backward and forward-then-backward, and keeps
+   the cheapest (all-max-clock is the starting point only if none of them finishes by the deadline).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
@@ -43,7 +45,7 @@ from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack, reclaim_slack_forward
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -261,6 +263,8 @@ class _Sweep:
             if dag.num_nodes >= PERIODIC_MIN_NODES else None
         )
         self.relaxation = periodic or HullRelaxation(dag, self.options, p2p_power)
+        self.forward_reclaim = periodic is None
+        """Whether slack is also reclaimed forward (skipped on the periodic LP's long pipelines, for time)."""
         self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
         self.previous = self.fastest
         self.found: list[FrontierPlan] = []
@@ -277,17 +281,27 @@ class _Sweep:
     def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
         """Plan for ``deadline``; ``seed`` (a plan found earlier) replaces the previous plan as a seed."""
         relaxed = self.relaxation.solve(deadline)
-        rounded = np.array(
-            [opt.cheapest_within(d * (1 + _ROUNDING_TOLERANCE)) for opt, d in zip(self.options, relaxed.durations)]
-        )
+        limits = (relaxed.durations * (1 + _ROUNDING_TOLERANCE)).tolist()
+        rounded = np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)])
+        to_hull = np.array([opt.hull_vertex_within(d) for opt, d in zip(self.options, limits)])
         earlier = self._choices[id(seed)] if seed is not None else self.previous
-        reclaimed = [
-            r for c in (rounded, earlier, self.fastest) if (r := reclaim_slack(self.dag, self.options, c, deadline)) is not None
-        ]
+        reclaimed = [r for c in (rounded, to_hull, earlier) for r in self._reclaimed(c, deadline)]
+        if not reclaimed:  # the LP's durations end past the deadline by float noise: start from max clock
+            reclaimed = self._reclaimed(self.fastest, deadline)
         results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
         best = int(np.argmin([r.energy for r in results]))
         self.previous = reclaimed[best]
         self._record(reclaimed[best], results[best], relaxed.lower_bound)
+
+    def _reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
+        """``choice`` with its slack reclaimed backward, and forward then backward (each hands the
+        slack to different instructions first); none if ``choice`` misses ``deadline``."""
+        backward = reclaim_slack(self.dag, self.options, choice, deadline)
+        if backward is None or not self.forward_reclaim:
+            return [] if backward is None else [backward]
+        forward = reclaim_slack_forward(self.dag, self.options, choice, deadline)
+        both = reclaim_slack(self.dag, self.options, forward, deadline) if forward is not None else None
+        return [backward] if both is None else [backward, both]
 
     def blend(self, faster: FrontierPlan, slower: FrontierPlan, parts: int = 4) -> None:
         """Plans between two neighbours of the frontier: the instructions that start in the first
