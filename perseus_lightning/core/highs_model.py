@@ -43,15 +43,14 @@ def edge_rows(
     ``first_start_col + i``. Returns ``(rows, cols, vals, tails)``: lists of arrays for a COO matrix,
     and each row's tail node, whose constant duration part the caller puts in the row's bound.
     """
-    src, dst = sources, targets
-    tails = np.concatenate([src, sinks])
+    tails = np.concatenate([sources, sinks])
     counts = np.diff(offsets)[tails]
     within = np.arange(counts.sum()) - np.repeat(np.cumsum(counts) - counts, counts)
     members = np.repeat(offsets[tails], counts) + within
     row_of_tail = np.arange(len(tails))
-    rows = [np.repeat(row_of_tail, counts), row_of_tail, np.arange(len(src)), len(src) + np.arange(len(sinks))]
-    cols = [first_duration_col + members, first_start_col + tails, first_start_col + dst, np.full(len(sinks), time_col)]
-    vals = [weights[members], np.ones(len(tails)), -np.ones(len(src)), -np.ones(len(sinks))]
+    rows = [np.repeat(row_of_tail, counts), row_of_tail, np.arange(len(sources)), len(sources) + np.arange(len(sinks))]
+    cols = [first_duration_col + members, first_start_col + tails, first_start_col + targets, np.full(len(sinks), time_col)]
+    vals = [weights[members], np.ones(len(tails)), -np.ones(len(sources)), -np.ones(len(sinks))]
     return rows, cols, vals, tails
 
 

@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.highs_model import edge_rows, load_model
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.relaxation import SegmentLP
 from perseus_lightning.core.slack import DEADLINE_TOLERANCE
@@ -75,39 +74,17 @@ class PeriodicRelaxation(SegmentLP):
     bounds = False
 
     def __init__(self, dag: InstructionDAG, folding: SteadyStateFolding, options: list[ClockOptions], p2p_power: float) -> None:
-        import highspy
-
         self._folding = folding
         m = len(folding.nodes)
-        copies = np.bincount(folding.representative, minlength=m)
-        hulls = [options[node].lower_hull() for node in folding.nodes.tolist()]
-        self._fastest = np.array([t[0] for t, _ in hulls])
-        lengths = [np.diff(t) for t, _ in hulls]
-        slopes = [k * np.diff(c) / np.diff(t) for k, (t, c) in zip(copies.tolist(), hulls)]
-        self._offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])])
-        segments = int(self._offsets[-1])
-        self._first_segment_col, self._period_col, self._deadline_col = m, m + segments, m + segments + 1
         sources, targets, edge_lags = _tightest(
             folding.representative[dag.edge_sources], folding.representative[dag.edge_targets],
             folding.instance[dag.edge_sources] - folding.instance[dag.edge_targets], m,
         )
         sinks, sink_lags = _tightest(folding.representative[dag.sinks], None, folding.instance[dag.sinks], m)
-        rows, cols, vals, tails = edge_rows(sources, targets, sinks, self._offsets, np.ones(segments), m, 0, self._deadline_col)
-        lags = np.concatenate([edge_lags, sink_lags])
-        periodic = np.flatnonzero(lags)
-        rows.append(periodic)
-        cols.append(np.full(len(periodic), self._period_col))
-        vals.append(lags[periodic].astype(float))
-        inf = highspy.kHighsInf
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = self._deadline_col + 1, len(tails)
-        lp.col_cost_ = np.concatenate([np.zeros(m), *slopes, [0.0, p2p_power * dag.num_ranks]])
-        lp.col_lower_ = np.zeros(lp.num_col_)
-        lp.col_upper_ = np.concatenate([np.full(m, inf), *lengths, [inf, inf]])
-        lp.row_lower_ = np.full(lp.num_row_, -inf)
-        lp.row_upper_ = -self._fastest[tails]
-        lp.offset_ = float(sum(k * c[0] for k, (_, c) in zip(copies.tolist(), hulls)))
-        self._solver = load_model(lp, rows, cols, vals)
+        self._load(
+            [options[node].lower_hull() for node in folding.nodes.tolist()], np.bincount(folding.representative, minlength=m),
+            sources, targets, sinks, p2p_power * dag.num_ranks, np.concatenate([edge_lags, sink_lags]),
+        )
 
     @classmethod
     def fitting(

@@ -311,8 +311,8 @@ class _Sweep:
         start, _ = earliest_schedule(self.dag, option_durations(self.options, fast))
         for k in range(1, parts):
             choice = np.where(start < faster.iteration_time * k / parts, slow, fast)
-            result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
-            choice = reclaim_slack(self.dag, self.options, choice, result.iteration_time)
+            _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
+            choice = reclaim_slack(self.dag, self.options, choice, float(end.max()))
             result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
             if result.iteration_time < slower.iteration_time and result.energy < faster.energy * (1 - _CHEAPER):
                 self._record(choice, result, self.relaxation.solve(result.iteration_time).lower_bound)

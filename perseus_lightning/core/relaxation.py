@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.highs_model import load_model, path_rows
+from perseus_lightning.core.highs_model import edge_rows, load_model
 from perseus_lightning.core.options import ClockOptions
 
 
@@ -57,26 +57,66 @@ class SegmentLP:
 
     def admits(self, deadline: float) -> bool:
         """Whether the LP has a solution finishing by ``deadline``."""
-        import highspy
-
-        self._solver.changeColBounds(self._deadline_col, 0.0, deadline)
-        self._solver.run()
-        return self._solver.getModelStatus() == highspy.HighsModelStatus.kOptimal
+        return self._run(0.0, deadline)
 
     def _unfold(self, durations: np.ndarray) -> np.ndarray:
         """Per-DAG-node durations of the LP's per-column-node ``durations``."""
         return durations
 
-    def _solve(self, lower: float, upper: float) -> RelaxedSolution:
+    def _load(
+        self,
+        hulls: list[tuple[np.ndarray, np.ndarray]],
+        copies: np.ndarray,
+        sources: np.ndarray,
+        targets: np.ndarray,
+        sinks: np.ndarray,
+        idle_power: float,
+        lags: np.ndarray | None = None,
+    ) -> None:
+        """Build and load the model of nodes with lower ``hulls``, each standing for ``copies`` instructions:
+        a start column per node, the segment columns, with ``lags`` (per edge, then per sink) a
+        period column ``P`` added ``lag`` times to each path row, and the iteration-time column ``D``."""
+        import highspy
+
+        m = len(hulls)
+        self._fastest = np.array([t[0] for t, _ in hulls])
+        lengths = [np.diff(t) for t, _ in hulls]
+        slopes = [k * np.diff(c) / np.diff(t) for k, (t, c) in zip(copies.tolist(), hulls)]
+        self._offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])])
+        segments = int(self._offsets[-1])
+        self._first_segment_col = m
+        self._deadline_col = m + segments + (lags is not None)
+        rows, cols, vals, tails = edge_rows(sources, targets, sinks, self._offsets, np.ones(segments), m, 0, self._deadline_col)
+        period: list[float] = []
+        if lags is not None:
+            lagged = np.flatnonzero(lags)
+            rows.append(lagged)
+            cols.append(np.full(len(lagged), m + segments))
+            vals.append(lags[lagged].astype(float))
+            period = [0.0]
+        inf = highspy.kHighsInf
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = self._deadline_col + 1, len(tails)
+        lp.col_cost_ = np.concatenate([np.zeros(m), *slopes, period, [idle_power]])
+        lp.col_lower_ = np.zeros(lp.num_col_)
+        lp.col_upper_ = np.concatenate([np.full(m, inf), *lengths, [inf] * len(period), [inf]])
+        lp.row_lower_ = np.full(lp.num_row_, -inf)
+        lp.row_upper_ = -self._fastest[tails]  # the fastest time is the duration's constant part
+        lp.offset_ = float(sum(k * c[0] for k, (_, c) in zip(copies.tolist(), hulls)))
+        self._solver = load_model(lp, rows, cols, vals)
+
+    def _run(self, lower: float, upper: float) -> bool:
+        """Solve with the iteration time in ``[lower, upper]``; whether an optimum was found."""
         import highspy
 
         self._solver.changeColBounds(self._deadline_col, lower, upper)
         self._solver.run()
-        status = self._solver.getModelStatus()
-        if status != highspy.HighsModelStatus.kOptimal:
-            raise ValueError(
-                f"{type(self).__name__} with deadline in [{lower}, {upper}] s is {self._solver.modelStatusToString(status)}"
-            )
+        return self._solver.getModelStatus() == highspy.HighsModelStatus.kOptimal
+
+    def _solve(self, lower: float, upper: float) -> RelaxedSolution:
+        if not self._run(lower, upper):
+            status = self._solver.modelStatusToString(self._solver.getModelStatus())
+            raise ValueError(f"{type(self).__name__} with deadline in [{lower}, {upper}] s is {status}")
         x = np.asarray(self._solver.getSolution().col_value)
         segments = x[self._first_segment_col : self._first_segment_col + self._offsets[-1]]
         filled = np.concatenate([[0.0], np.cumsum(segments)])
@@ -98,25 +138,5 @@ class HullRelaxation(SegmentLP):
     """
 
     def __init__(self, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float) -> None:
-        import highspy
-
-        n = dag.num_nodes
         hulls = [opt.lower_hull() for opt in options]
-        self._fastest = np.array([t[0] for t, _ in hulls])
-        lengths = [np.diff(t) for t, _ in hulls]
-        slopes = [np.diff(c) / np.diff(t) for t, c in hulls]
-        sizes = np.array([len(x) for x in lengths])
-        self._offsets = np.concatenate([[0], np.cumsum(sizes)])
-        segments = int(self._offsets[-1])
-        self._first_segment_col, self._deadline_col = n, n + segments
-        rows, cols, vals, tails = path_rows(dag, self._offsets, np.ones(segments), n, 0, self._deadline_col)
-        inf = highspy.kHighsInf
-        lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = self._deadline_col + 1, len(tails)
-        lp.col_cost_ = np.concatenate([np.zeros(n), *slopes, [p2p_power * dag.num_ranks]])
-        lp.col_lower_ = np.zeros(lp.num_col_)
-        lp.col_upper_ = np.concatenate([np.full(n, inf), *lengths, [inf]])
-        lp.row_lower_ = np.full(lp.num_row_, -inf)
-        lp.row_upper_ = -self._fastest[tails]  # the fastest time is the duration's constant part
-        lp.offset_ = float(sum(c[0] for _, c in hulls))
-        self._solver = load_model(lp, rows, cols, vals)
+        self._load(hulls, np.ones(dag.num_nodes), dag.edge_sources, dag.edge_targets, dag.sinks, p2p_power * dag.num_ranks)
