@@ -47,14 +47,10 @@ class ClockOptions:
 
     def lower_hull(self) -> tuple[np.ndarray, np.ndarray]:
         """Vertices ``(time, cost)`` of the lower convex hull, fastest first."""
-        return self.time[self._hull], self.cost[self._hull]
-
-    def hull_vertex_within(self, duration: float) -> int:
-        """Index of the cheapest lower-hull vertex that takes at most ``duration`` (the fastest if none fits)."""
-        return self._hull[max(bisect_right(self._hull_times, duration) - 1, 0)]
+        return self.time[self.hull], self.cost[self.hull]
 
     @cached_property
-    def _hull(self) -> list[int]:
+    def hull(self) -> list[int]:
         """Option indices of the lower hull's vertices, fastest first."""
         hull: list[int] = []
         for i in range(len(self.time)):
@@ -68,10 +64,6 @@ class ClockOptions:
                 hull.pop()
             hull.append(i)
         return hull
-
-    @cached_property
-    def _hull_times(self) -> list[float]:
-        return self.time[self._hull].tolist()
 
 
 def clock_options(dag: InstructionDAG, stage_profile: Profile, p2p_power: float) -> list[ClockOptions]:

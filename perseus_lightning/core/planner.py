@@ -6,15 +6,16 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 1. solves the convex-hull LP relaxation (:mod:`perseus_lightning.core.relaxation`), warm-started
    from the previous deadline, which also gives the lower bound that no plan can beat;
 2. rounds every instruction to its cheapest profiled clock no slower than its relaxed duration,
-   and, apart, to its cheapest lower-hull clock no slower than it (on a non-convex profile the
-   clocks above the hull can be poor buys); both keep every path within the deadline;
-3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both, also
-   starting from the previous deadline's plan, each backward and forward-then-backward, and keeps
-   the cheapest (all-max-clock is the starting point only if none of them finishes by the deadline).
+   which keeps every path within the deadline, and, apart, mixes the hull vertices around the
+   fractional durations by relax-and-fix (:mod:`perseus_lightning.core.relax_and_fix`);
+3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both (and in the
+   faster neighbour's plan, when filling a wide gap), each backward and forward-then-backward, and
+   keeps the cheapest (all-max-clock is the starting point only if none of them finishes by the deadline).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
-the number of microbatches, but it gives no lower bound.
+the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix and the
+forward slack pass, and are seeded with the previous deadline's plan instead.
 
 Pipelines small enough for the exact MILP (:mod:`perseus_lightning.core.exact`) then get, within a
 time budget, an optimal zero-slowdown plan and every gap wider than ``MAX_SPACING`` either filled
@@ -42,6 +43,7 @@ from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
+from perseus_lightning.core.relax_and_fix import relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
@@ -250,7 +252,7 @@ def _plan_exactly(sweep: _Sweep, plans: list[FrontierPlan], t_min: float, until:
 
 
 class _Sweep:
-    """Plans at successive deadlines, each also seeded by the previous deadline's plan (or a given one)."""
+    """Plans at successive deadlines (on the periodic LP, each also seeded by the previous deadline's plan)."""
 
     def __init__(self, profile: Profile, dag: InstructionDAG, p2p_power: float) -> None:
         self.dag = dag
@@ -263,8 +265,10 @@ class _Sweep:
             if dag.num_nodes >= PERIODIC_MIN_NODES else None
         )
         self.relaxation = periodic or HullRelaxation(dag, self.options, p2p_power)
-        self.forward_reclaim = periodic is None
-        """Whether slack is also reclaimed forward (skipped on the periodic LP's long pipelines, for time)."""
+        self.periodic = periodic is not None
+        """Whether the periodic LP plans this (long) pipeline. For time, it then skips relax-and-fix
+        and the forward slack pass, and seeds each deadline with the previous deadline's plan instead."""
+        self.idle_power = p2p_power * dag.num_ranks
         self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
         self.previous = self.fastest
         self.found: list[FrontierPlan] = []
@@ -279,25 +283,31 @@ class _Sweep:
         return self._record(choice, result, self.relaxation.solve(deadline).lower_bound)
 
     def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
-        """Plan for ``deadline``; ``seed`` (a plan found earlier) replaces the previous plan as a seed."""
+        """Plan for ``deadline``; ``seed`` (a plan found earlier) is one more starting point."""
         relaxed = self.relaxation.solve(deadline)
         limits = (relaxed.durations * (1 + _ROUNDING_TOLERANCE)).tolist()
         rounded = np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)])
-        to_hull = np.array([opt.hull_vertex_within(d) for opt, d in zip(self.options, limits)])
-        earlier = self._choices[id(seed)] if seed is not None else self.previous
-        reclaimed = [r for c in (rounded, to_hull, earlier) for r in self._reclaimed(c, deadline)]
+        starts = [rounded]
+        if seed is not None:
+            starts.append(self._choices[id(seed)])
+        starts.append(self.previous if self.periodic else relax_and_fix(self.dag, self.options, relaxed.durations, deadline))
+        reclaimed = [r for c in starts for r in self._reclaimed(c, deadline)]
         if not reclaimed:  # the LP's durations end past the deadline by float noise: start from max clock
             reclaimed = self._reclaimed(self.fastest, deadline)
-        results = [simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, c)) for c in reclaimed]
-        best = int(np.argmin([r.energy for r in results]))
-        self.previous = reclaimed[best]
-        self._record(reclaimed[best], results[best], relaxed.lower_bound)
+        best = reclaimed[int(np.argmin([self._energy(c) for c in reclaimed]))]
+        self.previous = best
+        self._record(best, simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, best)), relaxed.lower_bound)
+
+    def _energy(self, choice: np.ndarray) -> float:
+        """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
+        _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
+        return sum(opt.cost[k] for opt, k in zip(self.options, choice.tolist())) + self.idle_power * float(end.max())
 
     def _reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
         """``choice`` with its slack reclaimed backward, and forward then backward (each hands the
         slack to different instructions first); none if ``choice`` misses ``deadline``."""
         backward = reclaim_slack(self.dag, self.options, choice, deadline)
-        if backward is None or not self.forward_reclaim:
+        if backward is None or self.periodic:
             return [] if backward is None else [backward]
         forward = reclaim_slack_forward(self.dag, self.options, choice, deadline)
         both = reclaim_slack(self.dag, self.options, forward, deadline) if forward is not None else None

@@ -130,6 +130,17 @@ def earliest_schedule(dag: InstructionDAG, durations: np.ndarray) -> tuple[np.nd
     return np.array(start_list), np.array(end_list)
 
 
+def latest_starts(dag: InstructionDAG, durations: np.ndarray, deadline: float) -> np.ndarray:
+    """Latest start of every node that still lets every path end by ``deadline`` (as-late-as-possible
+    execution; negative where the nodes' durations cannot fit)."""
+    succs = dag.successors
+    dur = durations.tolist()
+    latest = [0.0] * dag.num_nodes
+    for node in dag.topological_order[::-1].tolist():
+        latest[node] = min((latest[s] for s in succs[node]), default=deadline) - dur[node]
+    return np.array(latest)
+
+
 def simulate(
     dag: InstructionDAG,
     profile: Profile,

@@ -14,7 +14,7 @@ import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.options import ClockOptions
-from perseus_lightning.core.simulator import earliest_schedule
+from perseus_lightning.core.simulator import earliest_schedule, latest_starts
 
 _TOLERANCE = 1e-12
 DEADLINE_TOLERANCE = 1e-9
@@ -56,11 +56,8 @@ def reclaim_slack_forward(
     """Like :func:`reclaim_slack`, in topological order: each instruction gets its cheapest option
     that fits between its predecessors' finish (as already reclaimed) and its successors' latest start
     under ``choice``. ``None`` when ``choice`` does not finish by ``deadline``."""
-    durations = option_durations(options, choice)
-    latest_start = np.full(dag.num_nodes, np.inf)
+    latest_start = latest_starts(dag, option_durations(options, choice), deadline)
     successors, predecessors = dag.successors, dag.predecessors
-    for node in dag.topological_order[::-1].tolist():
-        latest_start[node] = min((latest_start[s] for s in successors[node]), default=deadline) - durations[node]
     if latest_start.min() < -deadline * DEADLINE_TOLERANCE:
         return None
     reclaimed = choice.copy()

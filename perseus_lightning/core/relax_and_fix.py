@@ -1,0 +1,185 @@
+"""Relax-and-fix rounding of the LP relaxation's durations.
+
+The LP puts most instructions on a vertex of their lower hull and the rest, the *fractional*
+ones, between two neighbouring vertices. Rounded one by one, a fractional instruction must take
+its faster vertex, which costs energy that the LP never paid; mixing the two vertices across
+neighbouring instructions (one slower, the next faster) often fits the deadline just as well.
+Relax-and-fix finds such mixes. In the order of the LP's start times it takes windows of
+``WINDOW`` fractional instructions and picks one of the two vertices for each with a small MILP in
+which every other instruction keeps its duration: earlier windows' chosen vertices, and the LP's
+durations for the later ones. Taking every window's faster vertices would fit, so each window keeps
+every path within the deadline, and the last one leaves a plan. (Offering the clocks between the
+two vertices too was slower and, after slack reclamation, no better.)
+
+A window's MILP needs only its *region*: the instructions on paths between its members. Those
+before the region bound its start times by their earliest finishes, which no longer change, and
+those after it bound its finishes by their latest starts, which no earlier window changes.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.highs_model import load_model
+from perseus_lightning.core.options import ClockOptions
+from perseus_lightning.core.simulator import earliest_schedule, latest_starts
+
+WINDOW = 20
+"""Fractional instructions per MILP."""
+MAX_NODES = 200
+"""Branch-and-bound nodes per window's MILP (deterministic, unlike a time limit); past it the best
+mix found so far is kept, or the window's faster vertices if none was found."""
+_ON_VERTEX = 1e-7
+"""Relative distance from a hull vertex within which an LP duration counts as that vertex."""
+
+
+def relax_and_fix(
+    dag: InstructionDAG, options: list[ClockOptions], durations: np.ndarray, deadline: float, window: int = WINDOW
+) -> np.ndarray:
+    """Option indices of every node, rounded from relaxed per-node ``durations`` that finish by
+    ``deadline``; they finish by it too (within the LP's float noise)."""
+    choice = np.empty(dag.num_nodes, dtype=np.int64)
+    brackets: dict[int, tuple[int, int]] = {}
+    current = np.asarray(durations, dtype=float).copy()
+    for node, (opt, duration) in enumerate(zip(options, current.tolist())):
+        hull = opt.hull
+        times = opt.time[hull]
+        nearest = int(np.argmin(np.abs(times - duration)))
+        if abs(times[nearest] - duration) <= _ON_VERTEX * duration:
+            choice[node] = hull[nearest]
+            current[node] = opt.time[hull[nearest]]
+        else:
+            above = int(np.clip(np.searchsorted(times, duration), 1, len(hull) - 1))
+            brackets[node] = (hull[above - 1], hull[above])
+            choice[node] = hull[above - 1]
+    if not brackets:
+        return choice
+    start, end = earliest_schedule(dag, current)
+    horizon = max(deadline, float(end.max()))
+    latest = latest_starts(dag, current, horizon).tolist()
+    rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)
+    rank_in_topology[dag.topological_order] = np.arange(dag.num_nodes)
+    order = np.lexsort((rank_in_topology, start))  # a topological order, by the LP's start times
+    position = np.empty(dag.num_nodes, dtype=np.int64)
+    position[order] = np.arange(dag.num_nodes)
+    fractional = sorted(brackets, key=lambda node: position[node])
+    windows = _Windows(dag, options, order.tolist(), position.tolist(), latest, horizon)
+    for first in range(0, len(fractional), window):
+        members = fractional[first : first + window]
+        picked = windows.solve(members, brackets, current)
+        choice[members] = picked
+        current[members] = [options[node].time[k] for node, k in zip(members, picked.tolist())]
+    return choice
+
+
+class _Windows:
+    """The MILPs of successive windows, with the earliest finishes of the instructions before them."""
+
+    def __init__(
+        self,
+        dag: InstructionDAG,
+        options: list[ClockOptions],
+        order: list[int],
+        position: list[int],
+        latest: list[float],
+        horizon: float,
+    ) -> None:
+        self.dag, self.options, self.order, self.position = dag, options, order, position
+        self.latest, self.horizon = latest, horizon
+        self.finish = [0.0] * dag.num_nodes
+        self.done = 0
+        """Positions before this have their final earliest finish in :attr:`finish`."""
+
+    def _finish_of(self, node: int, current: np.ndarray) -> float:
+        return max((self.finish[p] for p in self.dag.predecessors[node]), default=0.0) + float(current[node])
+
+    def solve(self, members: list[int], brackets: dict[int, tuple[int, int]], current: np.ndarray) -> np.ndarray:
+        """Option indices of ``members`` (consecutive fractional nodes), each between its bracket."""
+        first, last = self.position[members[0]], self.position[members[-1]]
+        for p in range(self.done, first):
+            node = self.order[p]
+            self.finish[node] = self._finish_of(node, current)
+        self.done = first
+        span = self.order[first : last + 1]
+        member_set = set(members)
+        preds, succs = self.dag.predecessors, self.dag.successors
+        after: set[int] = set()  # descendants of the members (members included) in the span
+        for node in span:
+            if node in member_set or any(p in after for p in preds[node]):
+                after.add(node)
+            else:  # not downstream of the window: its finish is final
+                self.finish[node] = self._finish_of(node, current)
+        before: set[int] = set()  # ancestors of the members in the span
+        for node in reversed(span):
+            if node in member_set or any(s in before for s in succs[node]):
+                before.add(node)
+        region = [node for node in span if node in after and node in before]
+        return self._mix(region, members, brackets, current, after, before)
+
+    def _mix(
+        self,
+        region: list[int],
+        members: list[int],
+        brackets: dict[int, tuple[int, int]],
+        current: np.ndarray,
+        after: set[int],
+        before: set[int],
+    ) -> np.ndarray:
+        """The MILP over ``region``: a start column per node, and per member a 0/1 column that picks
+        its slower vertex; every other node keeps its ``current`` duration."""
+        import highspy
+
+        column = {node: k for k, node in enumerate(region)}
+        slower = {node: len(region) + k for k, node in enumerate(members)}
+        rows: list[list[int]] = [[], [], []]  # row, column, value
+        upper: list[float] = []
+
+        def add_row(terms: list[tuple[int, float]], bound: float) -> None:
+            for col, value in terms:
+                rows[0].append(len(upper))
+                rows[1].append(col)
+                rows[2].append(value)
+            upper.append(bound)
+
+        earliest_start = []
+        for node in region:
+            fixed = float(current[node])
+            stretch: list[tuple[int, float]] = []
+            if node in slower:
+                low, high = brackets[node]
+                fixed = float(self.options[node].time[low])
+                stretch = [(slower[node], float(self.options[node].time[high]) - fixed)]
+            earliest_start.append(max((self.finish[p] for p in self.dag.predecessors[node] if p not in after), default=0.0))
+            successors = self.dag.successors[node]
+            due = min((self.latest[s] for s in successors if s not in before), default=np.inf) if successors else self.horizon
+            if np.isfinite(due):
+                add_row([(column[node], 1.0), *stretch], due - fixed)
+            for succ in successors:
+                if succ in column:
+                    add_row([(column[node], 1.0), (column[succ], -1.0), *stretch], -fixed)
+        saving = [
+            float(self.options[node].cost[brackets[node][1]] - self.options[node].cost[brackets[node][0]]) for node in members
+        ]
+        inf = highspy.kHighsInf
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.num_row_ = len(region) + len(members), len(upper)
+        lp.col_cost_ = np.concatenate([np.zeros(len(region)), saving])
+        lp.col_lower_ = np.concatenate([earliest_start, np.zeros(len(members))])
+        lp.col_upper_ = np.concatenate([np.full(len(region), inf), np.ones(len(members))])
+        lp.row_lower_ = np.full(len(upper), -inf)
+        lp.row_upper_ = np.array(upper)
+        lp.integrality_ = [highspy.HighsVarType.kContinuous] * len(region) + [highspy.HighsVarType.kInteger] * len(members)
+        solver = load_model(lp, [np.array(rows[0])], [np.array(rows[1])], [np.array(rows[2])])
+        for option, value in (
+            ("mip_rel_gap", 1e-6), ("mip_max_nodes", MAX_NODES),
+            ("mip_feasibility_tolerance", 1e-10), ("primal_feasibility_tolerance", 1e-10),
+            ("mip_heuristic_run_feasibility_jump", False),  # 40 % of the time of these small MILPs, for nothing
+        ):
+            solver.setOptionValue(option, value)
+        solver.run()
+        faster = np.array([brackets[node][0] for node in members])
+        if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
+            return faster
+        picks = np.asarray(solver.getSolution().col_value)[len(region) :] > 0.5
+        return np.where(picks, [brackets[node][1] for node in members], faster)
