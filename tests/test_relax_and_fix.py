@@ -11,14 +11,13 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.profile import BACKWARD, FORWARD, Profile
-from perseus_lightning.core.relax_and_fix import relax_and_fix
+from perseus_lightning.core.relax_and_fix import ON_VERTEX, relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import option_durations
 
 P2P_POWER = A100_LIKE.blocking_power
-ON_VERTEX = 1e-7
 
 
 def dag_of(ranks: int, microbatches: int) -> InstructionDAG:

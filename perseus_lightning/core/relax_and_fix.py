@@ -30,7 +30,7 @@ WINDOW = 20
 MAX_NODES = 200
 """Branch-and-bound nodes per window's MILP (deterministic, unlike a time limit); past it the best
 mix found so far is kept, or the window's faster vertices if none was found."""
-_ON_VERTEX = 1e-7
+ON_VERTEX = 1e-9
 """Relative distance from a hull vertex within which an LP duration counts as that vertex."""
 
 
@@ -46,7 +46,7 @@ def relax_and_fix(
         hull = opt.hull
         times = opt.time[hull]
         nearest = int(np.argmin(np.abs(times - duration)))
-        if abs(times[nearest] - duration) <= _ON_VERTEX * duration:
+        if abs(times[nearest] - duration) <= ON_VERTEX * duration:
             choice[node] = hull[nearest]
             current[node] = opt.time[hull[nearest]]
         else:
