@@ -20,8 +20,8 @@ from perseus_lightning.core.slack import option_durations
 P2P_POWER = A100_LIKE.blocking_power
 
 
-def dag_of(ranks: int, microbatches: int) -> InstructionDAG:
-    return InstructionDAG.from_schedule(build_schedule("1f1b", ranks, microbatches))
+def dag_of(ranks: int, microbatches: int, schedule: str = "1f1b") -> InstructionDAG:
+    return InstructionDAG.from_schedule(build_schedule(schedule, ranks, microbatches))
 
 
 def noisy_profile(seed: int, stages: int) -> Profile:
@@ -71,10 +71,14 @@ def test_two_half_stretched_instructions_become_one_slow_and_one_fast() -> None:
         assert finish(dag, options, choice) <= 3.0
 
 
-@pytest.fixture(scope="module", params=[(0, 4, 8), (2, 3, 8)], ids=["4x8", "3x8"])
+@pytest.fixture(
+    scope="module",
+    params=[(0, 4, 8, "1f1b"), (2, 3, 8, "1f1b"), (7, 4, 6, "gpipe")],  # each with 6 to 14 fractional instructions
+    ids=["1f1b-4x8", "1f1b-3x8", "gpipe-4x6"],
+)
 def instance(request: pytest.FixtureRequest) -> tuple[InstructionDAG, list[ClockOptions], HullRelaxation, float]:
-    seed, ranks, microbatches = request.param
-    dag = dag_of(ranks, microbatches)
+    seed, ranks, microbatches, schedule = request.param
+    dag = dag_of(ranks, microbatches, schedule)
     options = clock_options(dag, noisy_profile(seed, ranks), P2P_POWER)
     relaxation = HullRelaxation(dag, options, P2P_POWER)
     t_min = finish(dag, options, np.zeros(dag.num_nodes, dtype=np.int64))

@@ -296,7 +296,8 @@ class _Sweep:
             reclaimed = self._reclaimed(self.fastest, deadline)
         best = reclaimed[int(np.argmin([self._energy(c) for c in reclaimed]))]
         self.previous = best
-        self._record(best, simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, best)), relaxed.lower_bound)
+        result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, best))
+        self._record(best, result, relaxed.lower_bound)
 
     def _energy(self, choice: np.ndarray) -> float:
         """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
