@@ -188,10 +188,11 @@ def plan_frontier(
 
     Deadlines are spaced ``step * T_min`` apart, or ``points`` of them evenly from ``T_min`` to
     the relaxation's ``T*``; where neighbouring plans still end up more than ``MAX_SPACING * T_min``
-    apart, deadlines are added between them and the two plans are blended (:meth:`_Sweep.blend`). Pipelines small enough for the exact MILP then spend up
-    to ``exact_seconds`` on it (0: never): first on the zero-slowdown plan, then on the remaining
-    wide gaps (not with ``points``). The returned plans are Pareto-optimal among those found, and
-    end at ``T*``: the first plan within ``FLAT_TOLERANCE`` of the minimum energy.
+    apart, deadlines are added between them and the two plans are blended (:meth:`_Sweep.blend`).
+    Pipelines small enough for the exact MILP then spend up to ``exact_seconds`` on it (0: never):
+    first on the zero-slowdown plan, then on the remaining wide gaps (not with ``points``). The
+    returned plans are Pareto-optimal among those found, and end at ``T*``: the first plan within
+    ``FLAT_TOLERANCE`` of the minimum energy.
     """
     if points is not None and points < 1:
         raise PlanError(f"points is {points}. Fix: ask for at least 1 plan.")
