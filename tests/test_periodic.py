@@ -12,15 +12,11 @@ from perseus_lightning.core.options import clock_options
 from perseus_lightning.core.periodic import PeriodicRelaxation, SteadyStateFolding
 from perseus_lightning.core.planner import MAX_SPACING, plan_frontier
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import earliest_schedule, simulate
+from planning_instances import dag_of
 
 P2P_POWER = A100_LIKE.blocking_power
 IMBALANCED = A100_LIKE.profile([(0.05, 0.1), (0.03, 0.07), (0.06, 0.11), (0.04, 0.09)])
-
-
-def dag_of(name: str, ranks: int, microbatches: int, virtual_stages: int = 1) -> InstructionDAG:
-    return InstructionDAG.from_schedule(build_schedule(name, ranks, microbatches, virtual_stages))
 
 
 def test_folding_maps_each_steady_pair_to_one_representative_per_rank() -> None:

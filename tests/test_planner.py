@@ -11,7 +11,7 @@ import dataclasses
 import itertools
 import json
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -26,9 +26,9 @@ from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.planner import MAX_SPACING, Frontier, FrontierPlan, plan_frontier
 from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, Profile
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.schedules import build_schedule
-from perseus_lightning.core.simulator import earliest_schedule, simulate
-from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_forward
+from perseus_lightning.core.simulator import simulate
+from perseus_lightning.core.slack import reclaim_slack, reclaim_slack_forward
+from planning_instances import dag_of, iteration_time, noisy_profile, total_cost
 
 P2P_POWER = 83.64
 """Measured A100 blocking power (W)."""
@@ -47,27 +47,6 @@ def smooth_profile(frequencies: Sequence[int], stage_times: Sequence[tuple[float
     """The noise-free A100-like model at ``frequencies``; below its voltage floor (~1057 MHz) a clock is
     Pareto-dominated by any faster clock under the floor."""
     return dataclasses.replace(A100_LIKE, frequencies=tuple(frequencies)).profile(stage_times)
-
-
-def noisy_profile(seed: int, num_stages: int, clocks: Mapping[str, Sequence[int]]) -> Profile:
-    """A100-like time and power with 3 % time noise and 10 % energy noise: non-convex, non-monotone energy.
-
-    ``clocks`` maps each instruction kind to its profiled frequencies (MHz, at most 1410).
-    """
-    rng = np.random.default_rng(seed)
-    base_time = {FORWARD: 0.04, BACKWARD: 0.08, BACKWARD_INPUT: 0.04, BACKWARD_WEIGHT: 0.04}
-    rows = []
-    for stage in range(num_stages):
-        for kind, frequencies in clocks.items():
-            at_max_clock = base_time[kind] * rng.uniform(0.6, 1.4)
-            for f in frequencies:
-                time = at_max_clock * A100_LIKE.time_factor(f) * rng.uniform(0.97, 1.03)
-                rows.append((stage, kind, f, time, time * A100_LIKE.power(f) * rng.uniform(0.9, 1.1)))
-    return Profile.from_rows(rows, source=f"<noisy profile, seed {seed}>")
-
-
-def dag_of(name: str, num_ranks: int, num_microbatches: int, virtual_stages: int = 1, split: bool = False) -> InstructionDAG:
-    return InstructionDAG.from_schedule(build_schedule(name, num_ranks, num_microbatches, virtual_stages, split))
 
 
 # --------------------------------------------------------------------------- brute force
@@ -270,14 +249,6 @@ def slack_instance() -> tuple[InstructionDAG, list[ClockOptions]]:
     profile = noisy_profile(5, 3, {FORWARD: A100_LIKE.frequencies[::4], BACKWARD: A100_LIKE.frequencies[::4]})
     dag = dag_of("1f1b", 3, 4)
     return dag, clock_options(dag, profile, P2P_POWER)
-
-
-def iteration_time(dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray) -> float:
-    return float(earliest_schedule(dag, option_durations(options, choice))[1].max())
-
-
-def total_cost(options: list[ClockOptions], choice: np.ndarray) -> float:
-    return float(sum(opt.cost[k] for opt, k in zip(options, choice.tolist())))
 
 
 @pytest.mark.parametrize("reclaim", [reclaim_slack, reclaim_slack_forward])

@@ -10,39 +10,13 @@ import pytest
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.core.options import ClockOptions, clock_options
-from perseus_lightning.core.profile import BACKWARD, FORWARD, Profile
+from perseus_lightning.core.profile import BACKWARD, FORWARD
 from perseus_lightning.core.relax_and_fix import ON_VERTEX, relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.schedules import build_schedule
-from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import option_durations
+from planning_instances import dag_of, iteration_time, noisy_profile, total_cost
 
 P2P_POWER = A100_LIKE.blocking_power
-
-
-def dag_of(ranks: int, microbatches: int, schedule: str = "1f1b") -> InstructionDAG:
-    return InstructionDAG.from_schedule(build_schedule(schedule, ranks, microbatches))
-
-
-def noisy_profile(seed: int, stages: int) -> Profile:
-    """A100-like clocks with 3 % time and 10 % energy noise: hulls with long, non-convex segments."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for stage in range(stages):
-        for kind, base in ((FORWARD, 0.04), (BACKWARD, 0.08)):
-            at_max = base * rng.uniform(0.6, 1.4)
-            for f in A100_LIKE.frequencies[::3]:
-                time = at_max * A100_LIKE.time_factor(f) * rng.uniform(0.97, 1.03)
-                rows.append((stage, kind, f, time, time * A100_LIKE.power(f) * rng.uniform(0.9, 1.1)))
-    return Profile.from_rows(rows, source=f"<noisy profile, seed {seed}>")
-
-
-def finish(dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray) -> float:
-    return float(earliest_schedule(dag, option_durations(options, choice))[1].max())
-
-
-def cost(options: list[ClockOptions], choice: np.ndarray) -> float:
-    return float(sum(opt.cost[k] for opt, k in zip(options, choice.tolist())))
 
 
 def brackets(options: list[ClockOptions], durations: np.ndarray) -> list[tuple[int, ...]]:
@@ -62,13 +36,13 @@ def brackets(options: list[ClockOptions], durations: np.ndarray) -> list[tuple[i
 def test_two_half_stretched_instructions_become_one_slow_and_one_fast() -> None:
     # Forward then backward on one GPU, each 1 s (cost 10) or 2 s (cost 0); the LP's durations
     # stretch both halfway. Rounded alone each must take 1 s; mixed, one takes 2 s.
-    dag = dag_of(1, 1)
+    dag = dag_of("1f1b", 1, 1)
     option = ClockOptions(np.array([1410, 900]), np.array([1.0, 2.0]), np.array([10.0, 0.0]))
     options = [option, option]
     for window in (1, 2):
         choice = relax_and_fix(dag, options, np.array([1.5, 1.5]), 3.0, window=window)
         assert sorted(choice.tolist()) == [0, 1]
-        assert finish(dag, options, choice) <= 3.0
+        assert iteration_time(dag, options, choice) <= 3.0
 
 
 @pytest.fixture(
@@ -78,10 +52,11 @@ def test_two_half_stretched_instructions_become_one_slow_and_one_fast() -> None:
 )
 def instance(request: pytest.FixtureRequest) -> tuple[InstructionDAG, list[ClockOptions], HullRelaxation, float]:
     seed, ranks, microbatches, schedule = request.param
-    dag = dag_of(ranks, microbatches, schedule)
-    options = clock_options(dag, noisy_profile(seed, ranks), P2P_POWER)
+    dag = dag_of(schedule, ranks, microbatches)
+    profile = noisy_profile(seed, ranks, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
+    options = clock_options(dag, profile, P2P_POWER)
     relaxation = HullRelaxation(dag, options, P2P_POWER)
-    t_min = finish(dag, options, np.zeros(dag.num_nodes, dtype=np.int64))
+    t_min = iteration_time(dag, options, np.zeros(dag.num_nodes, dtype=np.int64))
     return dag, options, relaxation, t_min
 
 
@@ -92,11 +67,11 @@ def test_keeps_the_deadline_and_picks_only_the_lp_vertices_or_their_neighbours(i
     deadline = t_min * stretch
     relaxed = relaxation.solve(deadline)
     choice = relax_and_fix(dag, options, relaxed.durations, deadline, window=window)
-    assert finish(dag, options, choice) <= deadline * (1 + 1e-9)
+    assert iteration_time(dag, options, choice) <= deadline * (1 + 1e-9)
     allowed = brackets(options, relaxed.durations)
     assert all(k in allowed_k for k, allowed_k in zip(choice.tolist(), allowed))
     faster = np.array([b[0] for b in allowed])
-    assert cost(options, choice) <= cost(options, faster) + 1e-9  # never worse than rounding each alone
+    assert total_cost(options, choice) <= total_cost(options, faster) + 1e-9  # never worse than rounding each alone
 
 
 @pytest.mark.parametrize("stretch", [1.0, 1.01, 1.03, 1.08])
@@ -111,16 +86,16 @@ def test_one_window_is_the_optimal_mix_of_the_bracketing_vertices(instance, stre
     for slow in itertools.product((0, 1), repeat=len(fractional)):
         mix = np.array([b[0] for b in allowed])
         mix[fractional] = [allowed[node][pick] for node, pick in zip(fractional, slow)]
-        if finish(dag, options, mix) <= deadline * (1 + 1e-9):
-            best = min(best, cost(options, mix))
+        if iteration_time(dag, options, mix) <= deadline * (1 + 1e-9):
+            best = min(best, total_cost(options, mix))
     choice = relax_and_fix(dag, options, relaxed.durations, deadline, window=dag.num_nodes)
-    assert cost(options, choice) == pytest.approx(best, rel=1e-6, abs=1e-6)
+    assert total_cost(options, choice) == pytest.approx(best, rel=1e-6, abs=1e-6)
 
 
 def test_durations_on_hull_vertices_come_back_unchanged(instance) -> None:
     dag, options, _, _ = instance
     rng = np.random.default_rng(7)
     vertices = np.array([opt.hull[rng.integers(len(opt.hull))] for opt in options])
-    deadline = finish(dag, options, vertices)
+    deadline = iteration_time(dag, options, vertices)
     choice = relax_and_fix(dag, options, option_durations(options, vertices), deadline)
     assert np.array_equal(choice, vertices)
