@@ -17,8 +17,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.highs_model import edge_rows, load_model
 from perseus_lightning.core.options import ClockOptions
-from perseus_lightning.core.highs_model import load_model, path_rows
 from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations
 
@@ -54,7 +54,9 @@ class ExactPlanner:
         self._start_col, self._time_col = binaries, binaries + n
         # Rows 0..n-1: one option per node; then the path rows, where a node's duration is sum(t x).
         option_time = np.concatenate([opt.time for opt in options])
-        rows, cols, vals, tails = path_rows(dag, self._offsets, option_time, 0, binaries, self._time_col)
+        rows, cols, vals, tails = edge_rows(
+            dag.edge_sources, dag.edge_targets, dag.sinks, self._offsets, option_time, 0, binaries, self._time_col
+        )
         rows = [np.repeat(np.arange(n), sizes), *(r + n for r in rows)]
         cols, vals = [np.arange(binaries), *cols], [np.ones(binaries), *vals]
         inf = highspy.kHighsInf

@@ -15,17 +15,6 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sparse
 
-from perseus_lightning.core.dag import InstructionDAG
-
-
-def path_rows(
-    dag: InstructionDAG, offsets: np.ndarray, weights: np.ndarray, first_duration_col: int, first_start_col: int, time_col: int
-) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray], np.ndarray]:
-    """The path rows of ``dag``'s edges and sinks (see :func:`edge_rows`)."""
-    return edge_rows(
-        dag.edge_sources, dag.edge_targets, dag.sinks, offsets, weights, first_duration_col, first_start_col, time_col
-    )
-
 
 def edge_rows(
     sources: np.ndarray,
