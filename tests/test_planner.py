@@ -26,8 +26,8 @@ from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.planner import MAX_SPACING, Frontier, FrontierPlan, plan_frontier
 from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, Profile
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.simulator import simulate
-from perseus_lightning.core.slack import reclaim_slack, reclaim_slack_forward
+from perseus_lightning.core.simulator import earliest_schedule, latest_starts, simulate
+from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_by_value
 from planning_instances import dag_of, iteration_time, noisy_profile, total_cost
 
 P2P_POWER = 83.64
@@ -251,16 +251,21 @@ def slack_instance() -> tuple[InstructionDAG, list[ClockOptions]]:
     return dag, clock_options(dag, profile, P2P_POWER)
 
 
-@pytest.mark.parametrize("reclaim", [reclaim_slack, reclaim_slack_forward])
+def random_start(dag: InstructionDAG, options: list[ClockOptions], seed: int, headroom: float) -> tuple[np.ndarray, float]:
+    """A random option per node, and a deadline ``headroom`` times its iteration time."""
+    rng = np.random.default_rng(seed)
+    choice = np.array([rng.integers(len(opt.time)) for opt in options])
+    return choice, iteration_time(dag, options, choice) * headroom
+
+
+@pytest.mark.parametrize("reclaim", [reclaim_slack, reclaim_slack_by_value])
 @pytest.mark.parametrize("seed", range(8))
 @pytest.mark.parametrize("headroom", [1.0, 1.02, 1.15])
 def test_reclaim_slack_keeps_the_deadline_never_costs_more_and_is_idempotent(
     slack_instance: tuple[InstructionDAG, list[ClockOptions]], seed: int, headroom: float, reclaim: Callable[..., np.ndarray | None]
 ) -> None:
     dag, options = slack_instance
-    rng = np.random.default_rng(seed)
-    choice = np.array([rng.integers(len(opt.time)) for opt in options])
-    deadline = iteration_time(dag, options, choice) * headroom
+    choice, deadline = random_start(dag, options, seed, headroom)
     reclaimed = reclaim(dag, options, choice, deadline)
     assert reclaimed is not None
     assert iteration_time(dag, options, reclaimed) <= deadline * (1 + 1e-9)
@@ -272,17 +277,50 @@ def test_reclaim_slack_keeps_the_deadline_never_costs_more_and_is_idempotent(
     assert reclaim(dag, options, choice, deadline / headroom * 0.99) is None  # the choice itself misses it
 
 
-def test_backward_reclamation_slows_the_last_instruction_forward_the_first() -> None:
-    # One rank, forward then backward, two clocks each; the slack fits either one's slower clock, not both.
-    profile = smooth_profile((1260, 1410), [(0.03, 0.06)])
+def by_value_by_definition(dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray, deadline: float) -> np.ndarray:
+    """Reclamation by value with the whole schedule recomputed after every move."""
+    choice = choice.copy()
+    while True:
+        durations = option_durations(options, choice)
+        start, _ = earliest_schedule(dag, durations)
+        latest_finish = latest_starts(dag, durations, deadline) + durations
+        moves = []
+        for node, opt in enumerate(options):
+            current = int(choice[node])
+            target = opt.cheapest_within((latest_finish[node] - start[node]) * (1 + 1e-12))
+            if target > current:
+                moves.append(((opt.cost[current] - opt.cost[target]) / (opt.time[target] - opt.time[current]), -node, target))
+        if not moves:
+            return choice
+        _, node, target = max(moves)
+        choice[-node] = target
+
+
+@pytest.mark.parametrize("seed", range(8))
+@pytest.mark.parametrize("headroom", [1.0, 1.02, 1.15])
+def test_reclaim_slack_by_value_updates_its_windows_as_recomputing_them_would(
+    slack_instance: tuple[InstructionDAG, list[ClockOptions]], seed: int, headroom: float
+) -> None:
+    dag, options = slack_instance
+    choice, deadline = random_start(dag, options, seed, headroom)
+    expected = by_value_by_definition(dag, options, choice, deadline)
+    assert np.array_equal(reclaim_slack_by_value(dag, options, choice, deadline), expected)
+
+
+@pytest.mark.parametrize("forward_saving, by_value", [(1.0, [1, 0]), (0.2, [0, 1])])
+def test_backward_reclamation_slows_the_last_instruction_by_value_the_one_that_saves_more_per_second(
+    forward_saving: float, by_value: list[int]
+) -> None:
+    # One rank, forward then backward, two clocks each, both 10 ms slower at the slower clock (which
+    # saves forward_saving J, or 0.5 J on the backward); the slack fits one slower clock, not both.
     dag = dag_of("1f1b", 1, 1)
-    options = clock_options(dag, profile, P2P_POWER)
+    forward = ClockOptions(np.array([1410, 1200]), np.array([0.10, 0.11]), np.array([10.0, 10.0 - forward_saving]))
+    backward = ClockOptions(np.array([1410, 1200]), np.array([0.20, 0.21]), np.array([20.0, 19.5]))
+    options = [forward, backward]
     fastest = np.zeros(2, dtype=np.int64)
-    extra = [float(opt.time[1] - opt.time[0]) for opt in options]  # forward's, backward's
-    deadline = iteration_time(dag, options, fastest) + 0.5 * (max(extra) + sum(extra))
-    assert max(extra) < deadline - iteration_time(dag, options, fastest) < sum(extra)
+    deadline = iteration_time(dag, options, fastest) + 0.015
     assert reclaim_slack(dag, options, fastest, deadline).tolist() == [0, 1]
-    assert reclaim_slack_forward(dag, options, fastest, deadline).tolist() == [1, 0]
+    assert reclaim_slack_by_value(dag, options, fastest, deadline).tolist() == by_value
 
 
 def test_reclaim_slack_slows_non_critical_instructions_at_zero_slowdown(

@@ -9,13 +9,13 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
    which keeps every path within the deadline, and, apart, mixes the hull vertices around the
    fractional durations by relax-and-fix (:mod:`perseus_lightning.core.relax_and_fix`);
 3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both (and in the
-   faster neighbour's plan, when filling a wide gap), each backward and forward-then-backward, and
-   keeps the cheapest (all-max-clock is the starting point only if none of them finishes by the deadline).
+   faster neighbour's plan, when filling a wide gap), each backward and by value, and keeps the
+   cheapest (all-max-clock is the starting point only if none of them finishes by the deadline).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
-the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix and the
-forward slack pass, and are seeded with the previous deadline's plan instead.
+the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix and
+reclamation by value, and are seeded with the previous deadline's plan instead.
 
 Pipelines small enough for the exact MILP (:mod:`perseus_lightning.core.exact`) then get, within a
 time budget, an optimal zero-slowdown plan and every gap wider than ``MAX_SPACING`` either filled
@@ -47,7 +47,7 @@ from perseus_lightning.core.relax_and_fix import relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack, reclaim_slack_forward
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack, reclaim_slack_by_value
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -268,7 +268,7 @@ class _Sweep:
         self.relaxation = periodic or HullRelaxation(dag, self.options, p2p_power)
         self.periodic = periodic is not None
         """Whether the periodic LP plans this (long) pipeline. For time, it then skips relax-and-fix
-        and the forward slack pass, and seeds each deadline with the previous deadline's plan instead."""
+        and reclamation by value, and seeds each deadline with the previous deadline's plan instead."""
         self.idle_power = p2p_power * dag.num_ranks
         self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
         self.previous = self.fastest
@@ -306,14 +306,13 @@ class _Sweep:
         return sum(opt.cost[k] for opt, k in zip(self.options, choice.tolist())) + self.idle_power * float(end.max())
 
     def _reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
-        """``choice`` with its slack reclaimed backward, and forward then backward (each hands the
-        slack to different instructions first); none if ``choice`` misses ``deadline``."""
+        """``choice`` with its slack reclaimed backward (latest instructions first) and by value
+        (where it saves the most per second); none if ``choice`` misses ``deadline``."""
         backward = reclaim_slack(self.dag, self.options, choice, deadline)
         if backward is None or self.periodic:
             return [] if backward is None else [backward]
-        forward = reclaim_slack_forward(self.dag, self.options, choice, deadline)
-        both = reclaim_slack(self.dag, self.options, forward, deadline) if forward is not None else None
-        return [backward] if both is None else [backward, both]
+        by_value = reclaim_slack_by_value(self.dag, self.options, choice, deadline)
+        return [backward] if by_value is None else [backward, by_value]
 
     def blend(self, faster: FrontierPlan, slower: FrontierPlan, parts: int = 4) -> None:
         """Plans between two neighbours of the frontier: the instructions that start in the first

@@ -5,10 +5,13 @@ instruction gets its cheapest clock option whose time still fits between its ear
 the starting choice and the latest start of its successors. Its predecessors are then bounded by
 its own latest start, so the iteration never ends after the deadline, and no instruction ever gets
 a costlier option. The backward pass hands slack to the latest instructions first;
-:func:`reclaim_slack_forward` is its mirror image, which hands it to the earliest first.
+:func:`reclaim_slack_by_value` hands it where it saves the most energy per second.
 """
 
 from __future__ import annotations
+
+import heapq
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -50,24 +53,102 @@ def reclaim_slack(
     return reclaimed
 
 
-def reclaim_slack_forward(
+def reclaim_slack_by_value(
     dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray, deadline: float
 ) -> np.ndarray | None:
-    """Like :func:`reclaim_slack`, in topological order: each instruction gets its cheapest option
-    that fits between its predecessors' finish (as already reclaimed) and its successors' latest start
-    under ``choice``. ``None`` when ``choice`` does not finish by ``deadline``."""
-    latest_start = latest_starts(dag, option_durations(options, choice), deadline)
-    successors, predecessors = dag.successors, dag.predecessors
-    if latest_start.min() < -deadline * DEADLINE_TOLERANCE:
+    """Like :func:`reclaim_slack`, one instruction at a time: always the move that saves the most
+    energy per second of slack it takes (to the instruction's cheapest option that fits its window).
+    ``None`` when ``choice`` does not finish by ``deadline``."""
+    durations = option_durations(options, choice)
+    start, end = earliest_schedule(dag, durations)
+    if end.max() > deadline * (1 + DEADLINE_TOLERANCE):
         return None
-    reclaimed = choice.copy()
-    finish = np.zeros(dag.num_nodes)
-    for node in dag.topological_order.tolist():
-        earliest = max((finish[p] for p in predecessors[node]), default=0.0)
-        latest_finish = min((latest_start[s] for s in successors[node]), default=deadline)
-        opt = options[node]
-        slowest = opt.cheapest_within((latest_finish - earliest) * (1 + _TOLERANCE))
-        if slowest > reclaimed[node]:
-            reclaimed[node] = slowest
-        finish[node] = earliest + opt.time[reclaimed[node]]
-    return reclaimed
+    return _SlackByValue(dag, options, choice, durations, start, latest_starts(dag, durations, deadline)).run()
+
+
+class _SlackByValue:
+    """Every node's window, from its earliest start to its latest finish, and a heap of each node's
+    best move, offered again whenever its window or option changes. The latest schedule is kept in
+    reversed time (``-latest_finish``, ``-latest_start``), where it is an earliest schedule of the
+    reversed DAG: a move delays the earliest starts after its node in both."""
+
+    def __init__(
+        self,
+        dag: InstructionDAG,
+        options: list[ClockOptions],
+        choice: np.ndarray,
+        durations: np.ndarray,
+        start: np.ndarray,
+        latest_start: np.ndarray,
+    ) -> None:
+        self.dag, self.options = dag, options
+        self.choice = choice.tolist()
+        self.duration = durations.tolist()
+        self.start, self.finish = start.tolist(), (start + durations).tolist()
+        self.reversed_start, self.reversed_finish = (-latest_start - durations).tolist(), (-latest_start).tolist()
+        rank = np.empty(dag.num_nodes, dtype=np.int64)
+        rank[dag.topological_order] = np.arange(dag.num_nodes)
+        self.rank, self.reversed_rank = rank.tolist(), (-rank).tolist()
+        self.version = [0] * dag.num_nodes
+        self.moves: list[tuple[float, int, int, int]] = []
+        """Heap of (-saving per second, node, the node's version when offered, target option)."""
+        for node in range(dag.num_nodes):
+            self._offer(node)
+
+    def run(self) -> np.ndarray:
+        while self.moves:
+            _, node, version, target = heapq.heappop(self.moves)
+            if version == self.version[node]:
+                self._move(node, target)
+        return np.array(self.choice, dtype=np.int64)
+
+    def _offer(self, node: int) -> None:
+        """Queue ``node``'s move to the cheapest option that fits its window, if that is slower."""
+        self.version[node] += 1
+        opt, current = self.options[node], self.choice[node]
+        window = -self.reversed_start[node] - self.start[node]
+        target = opt.cheapest_within(window * (1 + _TOLERANCE))
+        if target > current:
+            value = (opt.cost[current] - opt.cost[target]) / (opt.time[target] - opt.time[current])
+            heapq.heappush(self.moves, (-float(value), node, self.version[node], target))
+
+    def _move(self, node: int, target: int) -> None:
+        self.choice[node] = target
+        self.duration[node] = float(self.options[node].time[target])
+        self.finish[node] = self.start[node] + self.duration[node]
+        self.reversed_finish[node] = self.reversed_start[node] + self.duration[node]
+        dag = self.dag
+        later = self._delay(node, self.start, self.finish, dag.successors, dag.predecessors, self.rank)
+        earlier = self._delay(
+            node, self.reversed_start, self.reversed_finish, dag.predecessors, dag.successors, self.reversed_rank
+        )
+        for changed in {node, *later, *earlier}:
+            self._offer(changed)
+
+    def _delay(
+        self,
+        node: int,
+        start: list[float],
+        finish: list[float],
+        after: Sequence[Sequence[int]],
+        before: Sequence[Sequence[int]],
+        rank: list[int],
+    ) -> list[int]:
+        """Delay the earliest ``start`` (and ``finish``) of every node ``after`` ``node``, whose finish
+        moved later, in ``rank`` order; the nodes delayed."""
+        queue = [(rank[n], n) for n in after[node]]
+        heapq.heapify(queue)
+        done: set[int] = set()
+        delayed: list[int] = []
+        while queue:
+            _, current = heapq.heappop(queue)
+            if current in done:
+                continue
+            done.add(current)
+            earliest = max(finish[p] for p in before[current])
+            if earliest > start[current]:
+                start[current], finish[current] = earliest, earliest + self.duration[current]
+                delayed.append(current)
+                for n in after[current]:
+                    heapq.heappush(queue, (rank[n], n))
+        return delayed
