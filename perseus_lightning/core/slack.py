@@ -29,6 +29,16 @@ def option_durations(options: list[ClockOptions], choice: np.ndarray) -> np.ndar
     return np.array([opt.time[k] for opt, k in zip(options, choice.tolist())])
 
 
+def _schedule_within(
+    dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray, deadline: float
+) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(durations, earliest starts)`` of ``choice``; ``None`` if it ends past ``deadline``
+    (relative tolerance ``DEADLINE_TOLERANCE``)."""
+    durations = option_durations(options, choice)
+    start, end = earliest_schedule(dag, durations)
+    return None if end.max() > deadline * (1 + DEADLINE_TOLERANCE) else (durations, start)
+
+
 def reclaim_slack(
     dag: InstructionDAG, options: list[ClockOptions], choice: np.ndarray, deadline: float
 ) -> np.ndarray | None:
@@ -37,9 +47,10 @@ def reclaim_slack(
     ``None`` when ``choice`` itself does not finish by ``deadline`` (relative tolerance
     ``DEADLINE_TOLERANCE``).
     """
-    start, end = earliest_schedule(dag, option_durations(options, choice))
-    if end.max() > deadline * (1 + DEADLINE_TOLERANCE):
+    schedule = _schedule_within(dag, options, choice, deadline)
+    if schedule is None:
         return None
+    start = schedule[1]
     reclaimed = choice.copy()
     latest_start = np.full(dag.num_nodes, np.inf)
     successors = dag.successors
@@ -59,10 +70,10 @@ def reclaim_slack_by_value(
     """Like :func:`reclaim_slack`, one instruction at a time: always the move that saves the most
     energy per second of slack it takes (to the instruction's cheapest option that fits its window).
     ``None`` when ``choice`` does not finish by ``deadline``."""
-    durations = option_durations(options, choice)
-    start, end = earliest_schedule(dag, durations)
-    if end.max() > deadline * (1 + DEADLINE_TOLERANCE):
+    schedule = _schedule_within(dag, options, choice, deadline)
+    if schedule is None:
         return None
+    durations, start = schedule
     return _SlackByValue(dag, options, choice, durations, start, latest_starts(dag, durations, deadline)).run()
 
 
