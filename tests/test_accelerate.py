@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -277,12 +278,15 @@ def launch_recipe(launcher: list[str], args: list[str], summary: Path, env: dict
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **env}
     for _attempt in range(ATTEMPTS):
-        command = [
-            *launcher, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
-            "--dynamo_backend", "no", "--main_process_port", str(free_port()),
-            str(RECIPE), *RECIPE_ARGS, *args, "--summary", str(summary),
-        ]  # fmt: skip
-        result = subprocess.run(command, check=False, env=full_env, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+        with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as logs:  # else torchrun leaves one in the temp folder
+            command = [
+                *launcher, "--multi_gpu", "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no",
+                "--dynamo_backend", "no", "--main_process_port", str(free_port()), "--log_dir", logs,
+                str(RECIPE), *RECIPE_ARGS, *args, "--summary", str(summary),
+            ]  # fmt: skip
+            result = subprocess.run(
+                command, check=False, env=full_env, capture_output=True, text=True, timeout=240, cwd=REPO_ROOT
+            )
         if summary.is_file():
             return json.loads(summary.read_text())
     raise AssertionError(result.stdout[-2000:] + result.stderr[-4000:])

@@ -6,6 +6,7 @@ import os
 import socket
 import subprocess
 import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -26,16 +27,18 @@ def torchrun(
 ) -> subprocess.CompletedProcess[str]:
     """Run ``script args`` on ``processes`` ranks until ``done()`` (it wrote its results), at most twice.
 
-    The last attempt's process is returned, for its output.
+    The last attempt's process is returned, for its output. torchrun's log folder is a temporary one
+    (by default torchrun leaves an empty ``torchelastic_*`` folder in the system's temp folder per run).
     """
     python_path = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
     full_env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": python_path, **(env or {})}
     for _attempt in range(ATTEMPTS):
-        command = [
-            sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes),
-            "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
-        ]  # fmt: skip
-        result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
+        with tempfile.TemporaryDirectory(prefix="torchrun-logs-") as logs:
+            command = [
+                sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(processes), "--log-dir", logs,
+                "--master-addr", "127.0.0.1", "--master-port", str(free_port()), str(script), *args,
+            ]  # fmt: skip
+            result = subprocess.run(command, env=full_env, capture_output=True, text=True, timeout=timeout, cwd=REPO_ROOT)
         if done():
             break
     return result

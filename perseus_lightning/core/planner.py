@@ -10,7 +10,10 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
    fractional durations by relax-and-fix (:mod:`perseus_lightning.core.relax_and_fix`);
 3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both (and in the
    faster neighbour's plan, when filling a wide gap), each backward and by value, and keeps the
-   cheapest (all-max-clock is the starting point only if none of them finishes by the deadline).
+   cheapest (all-max-clock is the starting point only if none of them finishes by the deadline);
+4. where that plan is still more than ``REFIX_ABOVE`` above the LP bound, improves relax-and-fix's
+   rounding with passes of shifted windows (:func:`~perseus_lightning.core.relax_and_fix.refix`)
+   and reclaims the slack of each improved rounding too.
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
@@ -43,7 +46,7 @@ from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
-from perseus_lightning.core.relax_and_fix import relax_and_fix
+from perseus_lightning.core.relax_and_fix import WINDOW, refix, relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
@@ -66,6 +69,10 @@ _CHEAPER = 1e-9
 """Relative energy difference that counts as a cheaper plan."""
 _BEFORE = 1e-6
 """Relative margin before a gap's slower end that its last exact solve must finish by."""
+REFIX_ABOVE = 0.002
+"""Relative gap to the LP bound above which a deadline's relax-and-fix rounding gets improvement passes."""
+REFIX_OFFSETS = (WINDOW // 2, 0)
+"""Improvement passes (:func:`~perseus_lightning.core.relax_and_fix.refix`), by their first window's length."""
 
 
 @dataclass(frozen=True)
@@ -291,11 +298,15 @@ class _Sweep:
         starts = [rounded]
         if seed is not None:
             starts.append(self._choices[id(seed)])
-        starts.append(self.previous if self.periodic else relax_and_fix(self.dag, self.options, relaxed.durations, deadline))
+        rounding = None if self.periodic else relax_and_fix(self.dag, self.options, relaxed.durations, deadline)
+        starts.append(self.previous if rounding is None else rounding)
         reclaimed = [r for c in starts for r in self._reclaimed(c, deadline)]
         if not reclaimed:  # the LP's durations end past the deadline by float noise: start from max clock
             reclaimed = self._reclaimed(self.fastest, deadline)
-        best = reclaimed[int(np.argmin([self._energy(c) for c in reclaimed]))]
+        energies = [self._energy(c) for c in reclaimed]
+        best = reclaimed[int(np.argmin(energies))]
+        if rounding is not None and min(energies) > relaxed.lower_bound * (1 + REFIX_ABOVE):
+            best = min([best, *self._refixed(rounding, relaxed.durations, deadline)], key=self._energy)
         self.previous = best
         result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, best))
         self._record(best, result, relaxed.lower_bound)
@@ -304,6 +315,19 @@ class _Sweep:
         """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
         _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
         return sum(opt.cost[k] for opt, k in zip(self.options, choice.tolist())) + self.idle_power * float(end.max())
+
+    def _refixed(self, rounding: np.ndarray, durations: np.ndarray, deadline: float) -> list[np.ndarray]:
+        """The reclaimed plans of the improvement passes over relax-and-fix's ``rounding`` of the LP's
+        ``durations``, from each pass that made the rounding cheaper."""
+        found: list[np.ndarray] = []
+        energy = self._energy(rounding)
+        for offset in REFIX_OFFSETS:
+            improved = refix(self.dag, self.options, rounding, durations, deadline, offset=offset)
+            improved_energy = self._energy(improved)
+            if improved_energy < energy * (1 - _CHEAPER):
+                rounding, energy = improved, improved_energy
+                found += self._reclaimed(rounding, deadline)
+        return found
 
     def _reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
         """``choice`` with its slack reclaimed backward (latest instructions first) and by value
