@@ -22,6 +22,8 @@ of the first pass can trade time between them.
 
 from __future__ import annotations
 
+from bisect import bisect_left
+
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
@@ -77,15 +79,19 @@ def _vertices(options: list[ClockOptions], durations: np.ndarray) -> tuple[np.nd
     choice = np.empty(len(options), dtype=np.int64)
     brackets: dict[int, tuple[int, int]] = {}
     snapped = np.asarray(durations, dtype=float).copy()
+    hull_times: dict[int, list[float]] = {}  # per options object (nodes of one stage and kind share one)
     for node, (opt, duration) in enumerate(zip(options, snapped.tolist())):
         hull = opt.hull
-        times = opt.time[hull]
-        nearest = int(np.argmin(np.abs(times - duration)))
+        times = hull_times.get(id(opt))
+        if times is None:
+            times = hull_times[id(opt)] = opt.time[hull].tolist()
+        above = bisect_left(times, duration)
+        nearest = min((k for k in (above - 1, above) if 0 <= k < len(times)), key=lambda k: abs(times[k] - duration))
         if abs(times[nearest] - duration) <= ON_VERTEX * duration:
             choice[node] = hull[nearest]
-            snapped[node] = opt.time[hull[nearest]]
+            snapped[node] = times[nearest]
         else:
-            above = int(np.clip(np.searchsorted(times, duration), 1, len(hull) - 1))
+            above = min(max(above, 1), len(hull) - 1)
             brackets[node] = (hull[above - 1], hull[above])
             choice[node] = hull[above - 1]
     return choice, brackets, snapped
