@@ -304,9 +304,11 @@ class _Sweep:
         if not reclaimed:  # the LP's durations end past the deadline by float noise: start from max clock
             reclaimed = self._reclaimed(self.fastest, deadline)
         energies = [self._energy(c) for c in reclaimed]
-        best = reclaimed[int(np.argmin(energies))]
         if rounding is not None and min(energies) > relaxed.lower_bound * (1 + REFIX_ABOVE):
-            best = min([best, *self._refixed(rounding, relaxed.durations, deadline)], key=self._energy)
+            refixed = self._refixed(rounding, relaxed.durations, deadline)
+            reclaimed += refixed
+            energies += [self._energy(c) for c in refixed]
+        best = reclaimed[int(np.argmin(energies))]
         self.previous = best
         result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, best))
         self._record(best, result, relaxed.lower_bound)
