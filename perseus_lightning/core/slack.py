@@ -11,6 +11,7 @@ a costlier option. The backward pass hands slack to the latest instructions firs
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,6 +21,8 @@ from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
 
 _TOLERANCE = 1e-12
+_NONE = -2
+"""No move queued (a node's target option is at least -1: none fits)."""
 DEADLINE_TOLERANCE = 1e-9
 """How far past the deadline (relative) a starting choice may end: floating-point noise of the LP."""
 
@@ -92,15 +95,25 @@ class _SlackByValue:
         start: np.ndarray,
         latest_start: np.ndarray,
     ) -> None:
-        self.dag, self.options = dag, options
+        self.dag = dag
+        lists: dict[int, tuple[list[float], list[float]]] = {}  # per options object: (times, costs) as floats
+        for opt in options:
+            if id(opt) not in lists:
+                lists[id(opt)] = (opt.time.tolist(), opt.cost.tolist())
+        self.times = [lists[id(opt)][0] for opt in options]
+        self.costs = [lists[id(opt)][1] for opt in options]
         self.choice = choice.tolist()
         self.duration = durations.tolist()
         self.start, self.finish = start.tolist(), (start + durations).tolist()
         self.reversed_start, self.reversed_finish = (-latest_start - durations).tolist(), (-latest_start).tolist()
+        order = dag.topological_order.tolist()
         rank = np.empty(dag.num_nodes, dtype=np.int64)
-        rank[dag.topological_order] = np.arange(dag.num_nodes)
-        self.rank, self.reversed_rank = rank.tolist(), (-rank).tolist()
+        rank[order] = np.arange(dag.num_nodes)
+        self.rank, self.order = rank.tolist(), order
+        self.reversed_rank, self.reversed_order = (dag.num_nodes - 1 - rank).tolist(), order[::-1]
         self.version = [0] * dag.num_nodes
+        self.offered = [_NONE] * dag.num_nodes
+        """Each node's queued target option (``_NONE``: none)."""
         self.moves: list[tuple[float, int, int, int]] = []
         """Heap of (-saving per second, node, the node's version when offered, target option)."""
         for node in range(dag.num_nodes):
@@ -114,24 +127,37 @@ class _SlackByValue:
         return np.array(self.choice, dtype=np.int64)
 
     def _offer(self, node: int) -> None:
-        """Queue ``node``'s move to the cheapest option that fits its window, if that is slower."""
-        self.version[node] += 1
-        opt, current = self.options[node], self.choice[node]
+        """Queue ``node``'s move to the cheapest option that fits its window, if that is slower (a
+        move already queued to that same option stays queued)."""
+        times, current = self.times[node], self.choice[node]
         window = -self.reversed_start[node] - self.start[node]
-        target = opt.cheapest_within(window * (1 + _TOLERANCE))
+        target = bisect_right(times, window * (1 + _TOLERANCE)) - 1  # the cheapest option that fits
+        if target == self.offered[node]:
+            return
+        self.version[node] += 1
         if target > current:
-            value = (opt.cost[current] - opt.cost[target]) / (opt.time[target] - opt.time[current])
-            heapq.heappush(self.moves, (-float(value), node, self.version[node], target))
+            costs = self.costs[node]
+            value = (costs[current] - costs[target]) / (times[target] - times[current])
+            heapq.heappush(self.moves, (-value, node, self.version[node], target))
+            self.offered[node] = target
+        else:
+            self.offered[node] = _NONE
 
     def _move(self, node: int, target: int) -> None:
         self.choice[node] = target
-        self.duration[node] = float(self.options[node].time[target])
+        self.duration[node] = self.times[node][target]
         self.finish[node] = self.start[node] + self.duration[node]
         self.reversed_finish[node] = self.reversed_start[node] + self.duration[node]
         dag = self.dag
-        later = self._delay(node, self.start, self.finish, dag.successors, dag.predecessors, self.rank)
+        later = self._delay(node, self.start, self.finish, dag.successors, dag.predecessors, self.rank, self.order)
         earlier = self._delay(
-            node, self.reversed_start, self.reversed_finish, dag.predecessors, dag.successors, self.reversed_rank
+            node,
+            self.reversed_start,
+            self.reversed_finish,
+            dag.predecessors,
+            dag.successors,
+            self.reversed_rank,
+            self.reversed_order,
         )
         for changed in {node, *later, *earlier}:
             self._offer(changed)
@@ -144,22 +170,26 @@ class _SlackByValue:
         after: Sequence[Sequence[int]],
         before: Sequence[Sequence[int]],
         rank: list[int],
+        order: list[int],
     ) -> list[int]:
         """Delay the earliest ``start`` (and ``finish``) of every node ``after`` ``node``, whose finish
-        moved later, in ``rank`` order; the nodes delayed."""
-        queue = [(rank[n], n) for n in after[node]]
+        moved later, in topological ``order`` (``rank``: each node's position in it); the nodes delayed.
+
+        Every node queued comes after the one being processed, so each is processed once, after all
+        its predecessors."""
+        queue = [rank[n] for n in after[node]]
         heapq.heapify(queue)
-        done: set[int] = set()
+        queued = set(after[node])
         delayed: list[int] = []
+        duration = self.duration
         while queue:
-            _, current = heapq.heappop(queue)
-            if current in done:
-                continue
-            done.add(current)
-            earliest = max(finish[p] for p in before[current])
+            current = order[heapq.heappop(queue)]
+            earliest = max([finish[p] for p in before[current]])
             if earliest > start[current]:
-                start[current], finish[current] = earliest, earliest + self.duration[current]
+                start[current], finish[current] = earliest, earliest + duration[current]
                 delayed.append(current)
                 for n in after[current]:
-                    heapq.heappush(queue, (rank[n], n))
+                    if n not in queued:
+                        queued.add(n)
+                        heapq.heappush(queue, rank[n])
         return delayed
