@@ -59,7 +59,8 @@ def test_synthetic_batches_depend_only_on_seed_and_index() -> None:
     assert not torch.equal(SyntheticTokens(4, 2, 8, TINY.vocab_size, seed=1)[1][0], inputs)
 
 
-def test_report_shows_a_perseus_summary(capsys: pytest.CaptureFixture[str]) -> None:
+def test_report_shows_a_perseus_summary(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(gpt_cli.BACKEND_ENV, raising=False)
     summary = {
         "mode": "apply",
         "phase": "deployed",
@@ -79,6 +80,10 @@ def test_report_shows_a_perseus_summary(capsys: pytest.CaptureFixture[str]) -> N
     for expected in ("204.0 ms", "120.0 J", "+2.0 %", "-20.0 %", "-21.5 %", "35", "900 / 1170 / 1410 MHz", "9.0000 -> 8.0000",
                      "60-80", "up to 1.50x", "300.0 ms / 200.0 J", "14.0 %"):
         assert expected in out
+    assert "Emulated GPUs" not in out  # measured on a real GPU: no caveat
+    monkeypatch.setenv(gpt_cli.BACKEND_ENV, "emulated")
+    gpt_cli.print_report(summary)
+    assert "Emulated GPUs: measured times include" in capsys.readouterr().out
 
 
 def _run_recipe(summary: Path, *args: str) -> dict[str, Any]:
