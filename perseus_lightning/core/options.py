@@ -39,11 +39,22 @@ class ClockOptions:
 
     def cheapest_within(self, duration: float) -> int:
         """Index of the cheapest option that takes at most ``duration`` (the fastest if none fits)."""
-        return max(bisect_right(self._time_list, duration) - 1, 0)
+        return max(bisect_right(self.time_list, duration) - 1, 0)
 
     @cached_property
-    def _time_list(self) -> list[float]:
+    def time_list(self) -> list[float]:
+        """:attr:`time` as Python floats, for per-node loops (numpy scalars are slow there)."""
         return self.time.tolist()
+
+    @cached_property
+    def cost_list(self) -> list[float]:
+        """:attr:`cost` as Python floats."""
+        return self.cost.tolist()
+
+    @cached_property
+    def hull_time_list(self) -> list[float]:
+        """Times of the :attr:`hull` vertices as Python floats, fastest first."""
+        return self.time[self.hull].tolist()
 
     def lower_hull(self) -> tuple[np.ndarray, np.ndarray]:
         """Vertices ``(time, cost)`` of the lower convex hull, fastest first."""

@@ -79,12 +79,8 @@ def _vertices(options: list[ClockOptions], durations: np.ndarray) -> tuple[np.nd
     choice = np.empty(len(options), dtype=np.int64)
     brackets: dict[int, tuple[int, int]] = {}
     snapped = np.asarray(durations, dtype=float).copy()
-    hull_times: dict[int, list[float]] = {}  # per options object (nodes of one stage and kind share one)
     for node, (opt, duration) in enumerate(zip(options, snapped.tolist())):
-        hull = opt.hull
-        times = hull_times.get(id(opt))
-        if times is None:
-            times = hull_times[id(opt)] = opt.time[hull].tolist()
+        hull, times = opt.hull, opt.hull_time_list
         above = bisect_left(times, duration)
         nearest = min((k for k in (above - 1, above) if 0 <= k < len(times)), key=lambda k: abs(times[k] - duration))
         if abs(times[nearest] - duration) <= ON_VERTEX * duration:
@@ -113,8 +109,9 @@ def _fix_windows(
     the order of their start times under the LP's ``snapped`` durations; every other node keeps its
     ``current`` duration. To ``improve`` a rounding (``choice``, timed by ``current``), a window's
     pick replaces it only if cheaper."""
-    start, _ = earliest_schedule(dag, snapped)
-    _, end = earliest_schedule(dag, current)
+    start, end = earliest_schedule(dag, snapped)
+    if improve:  # a rounding's durations, not the LP's
+        _, end = earliest_schedule(dag, current)
     horizon = max(deadline, float(end.max()))
     latest = latest_starts(dag, current, horizon).tolist()
     rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)

@@ -11,7 +11,6 @@ a costlier option. The backward pass hands slack to the latest instructions firs
 from __future__ import annotations
 
 import heapq
-from bisect import bisect_right
 from collections.abc import Sequence
 
 import numpy as np
@@ -21,8 +20,8 @@ from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
 
 _TOLERANCE = 1e-12
-_NONE = -2
-"""No move queued (a node's target option is at least -1: none fits)."""
+_NONE = -1
+"""No move queued (option indices start at 0)."""
 DEADLINE_TOLERANCE = 1e-9
 """How far past the deadline (relative) a starting choice may end: floating-point noise of the LP."""
 
@@ -95,13 +94,7 @@ class _SlackByValue:
         start: np.ndarray,
         latest_start: np.ndarray,
     ) -> None:
-        self.dag = dag
-        lists: dict[int, tuple[list[float], list[float]]] = {}  # per options object: (times, costs) as floats
-        for opt in options:
-            if id(opt) not in lists:
-                lists[id(opt)] = (opt.time.tolist(), opt.cost.tolist())
-        self.times = [lists[id(opt)][0] for opt in options]
-        self.costs = [lists[id(opt)][1] for opt in options]
+        self.dag, self.options = dag, options
         self.choice = choice.tolist()
         self.duration = durations.tolist()
         self.start, self.finish = start.tolist(), (start + durations).tolist()
@@ -129,14 +122,14 @@ class _SlackByValue:
     def _offer(self, node: int) -> None:
         """Queue ``node``'s move to the cheapest option that fits its window, if that is slower (a
         move already queued to that same option stays queued)."""
-        times, current = self.times[node], self.choice[node]
+        opt, current = self.options[node], self.choice[node]
         window = -self.reversed_start[node] - self.start[node]
-        target = bisect_right(times, window * (1 + _TOLERANCE)) - 1  # the cheapest option that fits
+        target = opt.cheapest_within(window * (1 + _TOLERANCE))
         if target == self.offered[node]:
             return
         self.version[node] += 1
         if target > current:
-            costs = self.costs[node]
+            times, costs = opt.time_list, opt.cost_list
             value = (costs[current] - costs[target]) / (times[target] - times[current])
             heapq.heappush(self.moves, (-value, node, self.version[node], target))
             self.offered[node] = target
@@ -145,7 +138,7 @@ class _SlackByValue:
 
     def _move(self, node: int, target: int) -> None:
         self.choice[node] = target
-        self.duration[node] = self.times[node][target]
+        self.duration[node] = self.options[node].time_list[target]
         self.finish[node] = self.start[node] + self.duration[node]
         self.reversed_finish[node] = self.reversed_start[node] + self.duration[node]
         dag = self.dag
