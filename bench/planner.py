@@ -3,7 +3,8 @@
 Run: .venv/bin/python bench/planner.py [--microbatches 12 24 48 96] [--lowtime-max 24] [--scale]
 
 Needs ../shared/data/stage_profiles (third-party data, not shipped). Columns:
-- planner s: wall time of plan_frontier (the whole frontier, T_min to T*);
+- planner s: wall time of plan_frontier (the whole frontier, T_min to T*), with as many worker
+  processes as `perseus plan` takes by default (the CPUs available; --workers to change);
 - saving @0: energy saving of the zero-slowdown plan against every instruction at max clock;
 - gap @0: that plan's energy above the LP lower bound at the same deadline (T_min);
 - max gap: the largest gap of any plan, against the LP bound at the plan's own iteration time;
@@ -35,6 +36,7 @@ from perseus_lightning.core.options import clock_options
 from perseus_lightning.core.planner import Frontier, plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.rounding import available_cpus
 from perseus_lightning.core.schedules import build_schedule
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "stage_profiles"
@@ -70,12 +72,13 @@ def main() -> None:
     parser.add_argument("--microbatches", type=int, nargs="+", default=[12, 24, 48, 96])
     parser.add_argument("--lowtime-max", type=int, default=24, help="run lowtime up to this many microbatches")
     parser.add_argument("--scale", action="store_true", help="also time 16 x 128 and 32 x 256 synthetic pipelines")
+    parser.add_argument("--workers", type=int, default=available_cpus(), help="planner worker processes (default: the CPUs available)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not present: the benchmark needs the third-party stage profiles in ../shared/data")
     console = Console(width=160)
 
-    table = Table(title=f"Frontier planner, GPT-3 175B, {STAGES} stages, synchronous 1F1B")
+    table = Table(title=f"Frontier planner, GPT-3 175B, {STAGES} stages, synchronous 1F1B, {args.workers} worker(s)")
     for column in ("GPU", "mb", "plans", "planner s", "saving @0", "gap @0", "max gap", "spacing",
                    "lowtime s", "lowtime saving", "lowtime slowdown"):
         table.add_column(column, justify="right")
@@ -85,7 +88,7 @@ def main() -> None:
         for m in args.microbatches:
             dag = InstructionDAG.from_schedule(build_schedule("1f1b", STAGES, m))
             started = time.perf_counter()
-            frontier = plan_frontier(profile, dag, power)
+            frontier = plan_frontier(profile, dag, power, workers=args.workers)
             elapsed = time.perf_counter() - started
             gap0, max_gap, spacing = frontier_quality(frontier, profile)
             saving = 1 - frontier.fastest.energy / frontier.baseline_energy

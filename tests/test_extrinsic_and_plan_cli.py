@@ -125,6 +125,12 @@ def test_plan_exact_seconds_bounds_the_milp(capsys: pytest.CaptureFixture[str], 
     assert err.count("\n") == 1 and "exact_seconds is -1.0" in err and "Fix:" in err
 
 
+def test_plan_workers_must_be_positive(capsys: pytest.CaptureFixture[str], example_csv: Path, tmp_path: Path) -> None:
+    code, _, err = run_cli(capsys, *plan_args(example_csv, 8, tmp_path / "f.json", "--workers", "0"))
+    assert code == 2
+    assert err.count("\n") == 1 and "workers is 0" in err and "Fix:" in err
+
+
 def test_plan_refuses_zeus_files_for_other_schedules(
     capsys: pytest.CaptureFixture[str], example_csv: Path, tmp_path: Path
 ) -> None:

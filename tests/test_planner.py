@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from perseus_lightning.core import planner
+from perseus_lightning.core import planner, rounding
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.errors import PlanError
 from perseus_lightning.core.gpu_model import A100_LIKE
@@ -27,6 +27,7 @@ from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.planner import MAX_SPACING, Frontier, FrontierPlan, plan_frontier
 from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, Profile
 from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.rounding import RoundingPool
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts, simulate
 from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_by_value
 from planning_instances import dag_of, iteration_time, noisy_profile, total_cost
@@ -344,12 +345,12 @@ def test_improvement_passes_never_cost_more_and_find_cheaper_plans_where_the_pla
     dag = dag_of("1f1b", 4, 16)
     plans = {}
     for refix_above in (math.inf, 0.0):
-        monkeypatch.setattr(planner, "REFIX_ABOVE", refix_above)
+        monkeypatch.setattr(rounding, "REFIX_ABOVE", refix_above)
         sweep = planner._Sweep(profile, dag, P2P_POWER)
         t_min = sweep.baseline.iteration_time
-        for stretch in (1.0, 1.01, 1.03, 1.08):
-            sweep.plan_for(t_min * stretch)
-            assert sweep.found[-1].iteration_time <= t_min * stretch * (1 + 1e-9)
+        stretches = (1.0, 1.01, 1.03, 1.08)
+        for stretch, plan in zip(stretches, sweep.plan_each(RoundingPool(sweep.rounder), [(t_min * s, None) for s in stretches])):
+            assert plan.iteration_time <= t_min * stretch * (1 + 1e-9)
         plans[refix_above] = np.array([p.energy for p in sweep.found])
     assert np.all(plans[0.0] <= plans[math.inf] * (1 + 1e-12))
     assert np.any(plans[0.0] < plans[math.inf] * (1 - 1e-6))

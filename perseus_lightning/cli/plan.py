@@ -9,7 +9,8 @@ from rich.console import Console
 from rich.table import Table
 
 from perseus_lightning.cli.pipeline_args import add_pipeline_arguments, load_pipeline
-from perseus_lightning.core.planner import DEFAULT_STEP, EXACT_SECONDS, Frontier, plan_frontier
+from perseus_lightning.core.planner import DEFAULT_STEP, EXACT_SECONDS, PARALLEL_MIN_NODES, Frontier, plan_frontier
+from perseus_lightning.core.rounding import available_cpus
 
 DESCRIPTION = f"""\
 Compute the iteration time-energy frontier: frequency plans from T_min (every instruction
@@ -36,6 +37,9 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--points", type=int, metavar="N", help="plan N deadlines evenly from T_min to T* instead")
     parser.add_argument("--exact-seconds", type=float, default=EXACT_SECONDS, metavar="S",
                         help=f"time for exact MILP solves on small pipelines (default {EXACT_SECONDS:g}; 0: none)")
+    parser.add_argument("--workers", type=int, default=available_cpus(), metavar="N",
+                        help=f"processes that round deadlines in parallel, on pipelines of {PARALLEL_MIN_NODES} "
+                             "instructions or more (default: the CPUs available, %(default)s here; same plans with 1)")
     parser.add_argument("--plot", metavar="OUT.png", help="write energy against iteration time for every plan")
     parser.add_argument("--zeus-dir", metavar="DIR", help="also write Zeus's freqs_pipeline_%%05d.py files (1F1B only)")
     parser.set_defaults(run=run)
@@ -47,7 +51,8 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     with console.status("planning the frontier..."):
         frontier = plan_frontier(
-            pipeline.profile, pipeline.dag, pipeline.p2p_power, points=args.points, exact_seconds=args.exact_seconds
+            pipeline.profile, pipeline.dag, pipeline.p2p_power, points=args.points, exact_seconds=args.exact_seconds,
+            workers=args.workers,
         )
     elapsed = time.perf_counter() - started
     frontier.save(args.output)

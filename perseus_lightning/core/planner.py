@@ -20,6 +20,9 @@ Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) us
 the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix and
 reclamation by value, and are seeded with the previous deadline's plan instead.
 
+With ``workers``, the LPs stay in this process, in order, and worker processes do the rest of
+each deadline's work (:mod:`perseus_lightning.core.rounding`), with the same plans as one process.
+
 Pipelines small enough for the exact MILP (:mod:`perseus_lightning.core.exact`) then get, within a
 time budget, an optimal zero-slowdown plan and every gap wider than ``MAX_SPACING`` either filled
 or proven to hold no plan cheaper than its faster end.
@@ -32,7 +35,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,11 +49,11 @@ from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
-from perseus_lightning.core.relax_and_fix import WINDOW, refix, relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.rounding import Rounder, RoundingJob, RoundingPool
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack, reclaim_slack_by_value
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004
@@ -63,16 +66,16 @@ EXACT_SECONDS = 5.0
 """Default time budget of the exact MILP solves, per frontier (only small pipelines use them)."""
 PERIODIC_MIN_NODES = 4096
 """Instructions from which a synchronous-1F1B pipeline is planned with the periodic LP."""
+PARALLEL_MIN_NODES = 300
+"""Instructions from which ``workers`` > 1 round deadlines on worker processes (below, starting
+them, about a second, costs more than they save)."""
 _ROUNDING_TOLERANCE = 1e-9
+"""Relative float noise by which a plan may end past a deadline and still count as meeting it."""
 _MAX_REFINEMENTS = 4
 _CHEAPER = 1e-9
 """Relative energy difference that counts as a cheaper plan."""
 _BEFORE = 1e-6
 """Relative margin before a gap's slower end that its last exact solve must finish by."""
-REFIX_ABOVE = 0.002
-"""Relative gap to the LP bound above which a deadline's relax-and-fix rounding gets improvement passes."""
-REFIX_OFFSETS = (WINDOW // 2, 0)
-"""Improvement passes (:func:`~perseus_lightning.core.relax_and_fix.refix`), by their first window's length."""
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,7 @@ def plan_frontier(
     step: float = DEFAULT_STEP,
     points: int | None = None,
     exact_seconds: float = EXACT_SECONDS,
+    workers: int = 1,
 ) -> Frontier:
     """Compute the iteration time–energy frontier of ``dag`` from ``T_min`` to ``T*``.
 
@@ -200,6 +204,11 @@ def plan_frontier(
     first on the zero-slowdown plan, then on the remaining wide gaps (not with ``points``). The
     returned plans are Pareto-optimal among those found, and end at ``T*``: the first plan within
     ``FLAT_TOLERANCE`` of the minimum energy.
+
+    With ``workers`` > 1, pipelines of ``PARALLEL_MIN_NODES`` instructions or more (on the full LP)
+    round deadlines on that many worker processes (:class:`~perseus_lightning.core.rounding.RoundingPool`);
+    the plans are the same as with one. A script that passes ``workers`` needs an ``if __name__ ==
+    "__main__":`` guard, as for any spawned process.
     """
     if points is not None and points < 1:
         raise PlanError(f"points is {points}. Fix: ask for at least 1 plan.")
@@ -207,28 +216,38 @@ def plan_frontier(
         raise PlanError(f"step is {step}. Fix: give a positive fraction of T_min, e.g. {DEFAULT_STEP}.")
     if not exact_seconds >= 0:
         raise PlanError(f"exact_seconds is {exact_seconds}. Fix: give 0 (no exact solves) or more, e.g. {EXACT_SECONDS:g}.")
+    if workers < 1:
+        raise PlanError(f"workers is {workers}. Fix: give 1 (plan in this process) or more.")
     sweep = _Sweep(profile, dag, p2p_power)
-    t_min = sweep.baseline.iteration_time
-    t_star = max(sweep.relaxation.min_energy(t_min).deadline, t_min)
-    if points is not None:
-        deadlines = np.linspace(t_min, t_star, points) if points > 1 else np.array([t_min])
-    else:
-        count = math.floor((t_star - t_min) / (step * t_min) + 1e-9) + 1
-        deadlines = t_min + step * t_min * np.arange(count + 1)  # one past T*: rounding may shift it
-    for deadline in deadlines:
-        sweep.plan_for(float(deadline))
-    plans = _frontier_of(sweep.found, t_min)
-    for _ in range(_MAX_REFINEMENTS):
-        gaps = _wide_gaps(plans, t_min)
-        if not gaps or points is not None:
-            break
-        for a, b in gaps:
-            sweep.plan_for(0.5 * (a.iteration_time + b.iteration_time), seed=a)
-            sweep.blend(a, b)
+    parallel = workers > 1 and not sweep.periodic and dag.num_nodes >= PARALLEL_MIN_NODES
+    with RoundingPool(sweep.rounder, workers if parallel else 1) as pool:
+        t_min = sweep.baseline.iteration_time
+        t_star = max(sweep.relaxation.min_energy(t_min).deadline, t_min)
+        if points is not None:
+            deadlines = np.linspace(t_min, t_star, points) if points > 1 else np.array([t_min])
+        else:
+            count = math.floor((t_star - t_min) / (step * t_min) + 1e-9) + 1
+            deadlines = t_min + step * t_min * np.arange(count + 1)  # one past T*: rounding may shift it
+        for _ in sweep.plan_each(pool, [(float(deadline), None) for deadline in deadlines]):
+            pass
         plans = _frontier_of(sweep.found, t_min)
+        for _ in range(_MAX_REFINEMENTS):
+            gaps = _wide_gaps(plans, t_min)
+            if not gaps or points is not None:
+                break
+            middles = [(0.5 * (a.iteration_time + b.iteration_time), a) for a, b in gaps]
+            for a, b in _each_after(gaps, sweep.plan_each(pool, middles)):
+                sweep.blend(a, b)
+            plans = _frontier_of(sweep.found, t_min)
     if exact_seconds > 0 and ExactPlanner.fits(sweep.options):
         plans = _plan_exactly(sweep, plans, t_min, time.monotonic() + exact_seconds, fill_gaps=points is None)
     return Frontier(dag, p2p_power, (t_min, sweep.baseline.energy), plans)
+
+
+def _each_after(items: list[tuple[FrontierPlan, FrontierPlan]], done: Iterator[FrontierPlan]) -> Iterator[tuple[FrontierPlan, FrontierPlan]]:
+    """Each of ``items`` once the matching element of ``done`` has been produced."""
+    for item, _ in zip(items, done):
+        yield item
 
 
 def _wide_gaps(plans: list[FrontierPlan], t_min: float) -> list[tuple[FrontierPlan, FrontierPlan]]:
@@ -276,9 +295,8 @@ class _Sweep:
         self.periodic = periodic is not None
         """Whether the periodic LP plans this (long) pipeline. For time, it then skips relax-and-fix
         and reclamation by value, and seeds each deadline with the previous deadline's plan instead."""
-        self.idle_power = p2p_power * dag.num_ranks
-        self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-        self.previous = self.fastest
+        self.rounder = Rounder(dag, self.options, p2p_power * dag.num_ranks, self.periodic)
+        self.previous = self.rounder.fastest
         self.found: list[FrontierPlan] = []
         self._choices: dict[int, np.ndarray] = {}
 
@@ -290,55 +308,26 @@ class _Sweep:
             return seed  # the solver's plan ends past the deadline by more than float noise: keep the seed
         return self._record(choice, result, self.relaxation.solve(deadline).lower_bound)
 
-    def plan_for(self, deadline: float, seed: FrontierPlan | None = None) -> None:
-        """Plan for ``deadline``; ``seed`` (a plan found earlier) is one more starting point."""
-        relaxed = self.relaxation.solve(deadline)
-        limits = (relaxed.durations * (1 + _ROUNDING_TOLERANCE)).tolist()
-        rounded = np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)])
-        starts = [rounded]
-        if seed is not None:
-            starts.append(self._choices[id(seed)])
-        rounding = None if self.periodic else relax_and_fix(self.dag, self.options, relaxed.durations, deadline)
-        starts.append(self.previous if rounding is None else rounding)
-        reclaimed = [r for c in starts for r in self._reclaimed(c, deadline)]
-        if not reclaimed:  # the LP's durations end past the deadline by float noise: start from max clock
-            reclaimed = self._reclaimed(self.fastest, deadline)
-        energies = [self._energy(c) for c in reclaimed]
-        if rounding is not None and min(energies) > relaxed.lower_bound * (1 + REFIX_ABOVE):
-            refixed = self._refixed(rounding, relaxed.durations, deadline)
-            reclaimed += refixed
-            energies += [self._energy(c) for c in refixed]
-        best = reclaimed[int(np.argmin(energies))]
-        self.previous = best
-        result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, best))
-        self._record(best, result, relaxed.lower_bound)
+    def plan_each(self, pool: RoundingPool, requests: list[tuple[float, FrontierPlan | None]]) -> Iterator[FrontierPlan]:
+        """Plan for each ``(deadline, seed)`` of ``requests`` (``seed``: a plan found earlier, one
+        more starting point), recording each plan as it is yielded. The LPs are solved here, all in
+        order (each warm-starts the next), before the first plan; ``pool`` rounds them. On the
+        periodic LP, each deadline is planned in turn, seeded with the previous deadline's plan."""
+        def job(deadline: float, seed: FrontierPlan | None) -> RoundingJob:
+            relaxed = self.relaxation.solve(deadline)
+            starts = [] if seed is None else [self._choices[id(seed)]]
+            if self.periodic:
+                starts.append(self.previous)
+            return RoundingJob(deadline, relaxed.durations, relaxed.lower_bound, tuple(starts))
 
-    def _energy(self, choice: np.ndarray) -> float:
-        """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
-        _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
-        return sum(opt.cost[k] for opt, k in zip(self.options, choice.tolist())) + self.idle_power * float(end.max())
-
-    def _refixed(self, rounding: np.ndarray, durations: np.ndarray, deadline: float) -> list[np.ndarray]:
-        """The reclaimed plans of the improvement passes over relax-and-fix's ``rounding`` of the LP's
-        ``durations``, from each pass that made the rounding cheaper."""
-        found: list[np.ndarray] = []
-        energy = self._energy(rounding)
-        for offset in REFIX_OFFSETS:
-            improved = refix(self.dag, self.options, rounding, durations, deadline, offset=offset)
-            improved_energy = self._energy(improved)
-            if improved_energy < energy * (1 - _CHEAPER):
-                rounding, energy = improved, improved_energy
-                found += self._reclaimed(rounding, deadline)
-        return found
-
-    def _reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
-        """``choice`` with its slack reclaimed backward (latest instructions first) and by value
-        (where it saves the most per second); none if ``choice`` misses ``deadline``."""
-        backward = reclaim_slack(self.dag, self.options, choice, deadline)
-        if backward is None or self.periodic:
-            return [] if backward is None else [backward]
-        by_value = reclaim_slack_by_value(self.dag, self.options, choice, deadline)
-        return [backward] if by_value is None else [backward, by_value]
+        if self.periodic:
+            for deadline, seed in requests:
+                planned = job(deadline, seed)
+                self.previous = self.rounder.round(planned)
+                yield self._record_plan(self.previous, planned.lower_bound)
+            return
+        for planned, best in pool.map(job(deadline, seed) for deadline, seed in requests):
+            yield self._record_plan(best, planned.lower_bound)
 
     def blend(self, faster: FrontierPlan, slower: FrontierPlan, parts: int = 4) -> None:
         """Plans between two neighbours of the frontier: the instructions that start in the first
@@ -353,6 +342,11 @@ class _Sweep:
             result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
             if result.iteration_time < slower.iteration_time and result.energy < faster.energy * (1 - _CHEAPER):
                 self._record(choice, result, self.relaxation.solve(result.iteration_time).lower_bound)
+
+    def _record_plan(self, choice: np.ndarray, lower_bound: float | None) -> FrontierPlan:
+        """Simulate the plan of option indices ``choice`` and :meth:`_record` it."""
+        result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+        return self._record(choice, result, lower_bound)
 
     def _record(self, choice: np.ndarray, result: SimulationResult, lower_bound: float | None) -> FrontierPlan:
         """Add the plan of option indices ``choice``, simulated as ``result``, with the relaxation's

@@ -1,0 +1,219 @@
+"""Rounding one deadline's LP solution to a plan: the per-deadline work of the frontier sweep.
+
+:class:`Rounder` turns the relaxation's durations at a deadline into the cheapest plan it finds
+that finishes by it: every instruction at its cheapest clock no slower than its relaxed duration,
+and relax-and-fix's mix of hull vertices (:mod:`perseus_lightning.core.relax_and_fix`), each with
+its slack reclaimed backward and by value (:mod:`perseus_lightning.core.slack`); where that plan is
+still more than ``REFIX_ABOVE`` above the LP bound, improvement passes over relax-and-fix's
+rounding, reclaimed too.
+
+Deadlines round independently of each other once their LP is solved, so :class:`RoundingPool`
+can round them on worker processes while the planner solves the next LPs (warm-started, in order).
+Results come back in the order the jobs were given, and are the same as in one process.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+from collections.abc import Iterable, Iterator
+from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from types import TracebackType
+
+import numpy as np
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.options import ClockOptions
+from perseus_lightning.core.relax_and_fix import WINDOW, refix, relax_and_fix
+from perseus_lightning.core.simulator import earliest_schedule
+from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_by_value
+
+log = logging.getLogger(__name__)
+
+REFIX_ABOVE = 0.002
+"""Relative gap to the LP bound above which a deadline's relax-and-fix rounding gets improvement passes."""
+REFIX_OFFSETS = (WINDOW // 2, 0)
+"""Improvement passes (:func:`~perseus_lightning.core.relax_and_fix.refix`), by their first window's length."""
+_ROUNDING_TOLERANCE = 1e-9
+_CHEAPER = 1e-9
+"""Relative energy difference that counts as a cheaper plan."""
+
+
+@dataclass(frozen=True)
+class RoundingJob:
+    """One deadline's LP solution, to be rounded to a plan."""
+
+    deadline: float
+    durations: np.ndarray
+    """The relaxation's per-node durations at ``deadline``."""
+    lower_bound: float | None
+    """The LP bound at ``deadline`` (``None`` for the periodic LP: then no improvement passes)."""
+    starts: tuple[np.ndarray, ...] = ()
+    """More starting plans (option indices), e.g. a faster neighbour's plan or the previous deadline's."""
+
+
+class Rounder:
+    """Rounds LP solutions of one DAG to plans (option indices per node)."""
+
+    def __init__(self, dag: InstructionDAG, options: list[ClockOptions], idle_power: float, periodic: bool) -> None:
+        self.dag, self.options, self.idle_power = dag, options, idle_power
+        self.periodic = periodic
+        """Long pipelines on the periodic LP: no relax-and-fix and no reclamation by value, for time."""
+        self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+
+    def round(self, job: RoundingJob) -> np.ndarray:
+        """The cheapest plan found for ``job`` that finishes by its deadline (all-max-clock's
+        reclaimed plan if no start does: the LP's durations end past it by float noise)."""
+        limits = (job.durations * (1 + _ROUNDING_TOLERANCE)).tolist()
+        starts = [np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)]), *job.starts]
+        rounding = None if self.periodic else relax_and_fix(self.dag, self.options, job.durations, job.deadline)
+        if rounding is not None:
+            starts.append(rounding)
+        reclaimed = [r for c in starts for r in self.reclaimed(c, job.deadline)]
+        if not reclaimed:
+            reclaimed = self.reclaimed(self.fastest, job.deadline)
+        energies = [self.energy(c) for c in reclaimed]
+        if rounding is not None and job.lower_bound is not None and min(energies) > job.lower_bound * (1 + REFIX_ABOVE):
+            refixed = self._refixed(rounding, job.durations, job.deadline)
+            reclaimed += refixed
+            energies += [self.energy(c) for c in refixed]
+        return reclaimed[int(np.argmin(energies))]
+
+    def energy(self, choice: np.ndarray) -> float:
+        """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
+        _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
+        return sum(opt.cost[k] for opt, k in zip(self.options, choice.tolist())) + self.idle_power * float(end.max())
+
+    def reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
+        """``choice`` with its slack reclaimed backward (latest instructions first) and by value
+        (where it saves the most per second); none if ``choice`` misses ``deadline``."""
+        backward = reclaim_slack(self.dag, self.options, choice, deadline)
+        if backward is None or self.periodic:
+            return [] if backward is None else [backward]
+        by_value = reclaim_slack_by_value(self.dag, self.options, choice, deadline)
+        return [backward] if by_value is None else [backward, by_value]
+
+    def _refixed(self, rounding: np.ndarray, durations: np.ndarray, deadline: float) -> list[np.ndarray]:
+        """The reclaimed plans of the improvement passes over relax-and-fix's ``rounding`` of the LP's
+        ``durations``, from each pass that made the rounding cheaper."""
+        found: list[np.ndarray] = []
+        energy = self.energy(rounding)
+        for offset in REFIX_OFFSETS:
+            improved = refix(self.dag, self.options, rounding, durations, deadline, offset=offset)
+            improved_energy = self.energy(improved)
+            if improved_energy < energy * (1 - _CHEAPER):
+                rounding, energy = improved, improved_energy
+                found += self.reclaimed(rounding, deadline)
+        return found
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+class RoundingPool:
+    """Rounds jobs with ``rounder`` on ``workers`` processes (in this process if ``workers`` is 1).
+
+    Workers are spawned (fresh interpreters, so a parent with threads, e.g. torch's, is safe) and
+    receive the rounder once; a script that plans with workers needs the usual ``if __name__ ==
+    "__main__":`` guard. If the pool cannot start or a worker dies, the rest is rounded in this
+    process, with one warning. Use it as a context manager: leaving stops the workers.
+    """
+
+    def __init__(self, rounder: Rounder, workers: int = 1) -> None:
+        self.rounder = rounder
+        self._executor: ProcessPoolExecutor | None = None
+        self._failed = False
+        if workers > 1:
+            import multiprocessing
+
+            try:
+                self._executor = ProcessPoolExecutor(
+                    workers, mp_context=multiprocessing.get_context("spawn"), initializer=_adopt, initargs=(rounder,)
+                )
+            except (OSError, ImportError) as error:  # e.g. no semaphores (/dev/shm) in a sandbox
+                self._fall_back(error)
+
+    def map(self, jobs: Iterable[RoundingJob]) -> Iterator[tuple[RoundingJob, np.ndarray]]:
+        """Each job with its plan, in order. Every job is taken from ``jobs`` (and submitted to a
+        worker as it comes) before the first plan is handed out, with workers or without."""
+        if self._executor is None:
+            for job in list(jobs):
+                yield job, self.rounder.round(job)
+            return
+        submitted = [(job, self._submit(job)) for job in jobs]
+        for job, future in submitted:
+            yield job, self._result(job, future)
+
+    def _submit(self, job: RoundingJob) -> Future[np.ndarray] | None:
+        if self._executor is None:
+            return None
+        try:
+            return self._executor.submit(_round, job)
+        except (BrokenProcessPool, RuntimeError) as error:
+            self._fall_back(error)
+            return None
+
+    def _result(self, job: RoundingJob, future: Future[np.ndarray] | None) -> np.ndarray:
+        if future is not None:
+            try:
+                return future.result()
+            except BrokenProcessPool as error:
+                self._fall_back(error)
+        return self.rounder.round(job)
+
+    def _fall_back(self, error: BaseException) -> None:
+        """Warn (once) and round everything left in this process."""
+        if not self._failed:
+            log.warning("planner worker processes failed (%s: %s); planning in this process instead", type(error).__name__, error)
+            self._failed = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+            self._executor = None
+
+    def close(self, wait: bool = True) -> None:
+        """Stop the workers; without ``wait``, return at once (a worker ends its job, then exits)."""
+        if self._executor is not None:
+            self._executor.shutdown(wait=wait, cancel_futures=True)
+            self._executor = None
+
+    def __enter__(self) -> RoundingPool:
+        return self
+
+    def __exit__(
+        self, kind: type[BaseException] | None, error: BaseException | None, traceback: TracebackType | None
+    ) -> None:
+        self.close(wait=kind is None)  # e.g. Ctrl-C: leave now
+
+
+_worker_rounder: Rounder | None = None
+"""The rounder of this worker process (set once, when the pool starts it)."""
+
+
+def _adopt(rounder: Rounder) -> None:
+    """Start a worker: keep ``rounder``, leave Ctrl-C to the parent (which stops the pool), and
+    exit as soon as the parent does, however it ends (its pool's queues would keep us waiting)."""
+    global _worker_rounder
+    _worker_rounder = rounder
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    threading.Thread(target=_exit_with_parent, name="perseus-parent-watch", daemon=True).start()
+
+
+def _exit_with_parent() -> None:
+    import multiprocessing
+    import multiprocessing.connection
+
+    parent = multiprocessing.parent_process()
+    if parent is not None:
+        multiprocessing.connection.wait([parent.sentinel])
+        os._exit(1)
+
+
+def _round(job: RoundingJob) -> np.ndarray:
+    assert _worker_rounder is not None, "worker started without a rounder"
+    return _worker_rounder.round(job)

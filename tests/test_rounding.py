@@ -1,0 +1,167 @@
+"""Rounding deadlines on worker processes: the same plans as in one process, and a safe fallback."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perseus_lightning.core import planner, rounding
+from perseus_lightning.core.errors import PlanError
+from perseus_lightning.core.gpu_model import A100_LIKE
+from perseus_lightning.core.options import clock_options
+from perseus_lightning.core.planner import plan_frontier
+from perseus_lightning.core.profile import BACKWARD, FORWARD
+from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.rounding import Rounder, RoundingJob, RoundingPool
+from perseus_lightning.core.simulator import simulate
+from planning_instances import dag_of, iteration_time, noisy_profile
+
+P2P_POWER = 75.0
+PROFILE = noisy_profile(5, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
+DAG = dag_of("1f1b", 4, 12)
+
+
+def rounder() -> Rounder:
+    options = clock_options(DAG, PROFILE.for_stages(DAG.schedule.stage_ranks), P2P_POWER)
+    return Rounder(DAG, options, P2P_POWER * DAG.num_ranks, periodic=False)
+
+
+def jobs(rounder: Rounder, stretches: tuple[float, ...] = (1.0, 1.01, 1.02, 1.05)) -> list[RoundingJob]:
+    relaxation = HullRelaxation(DAG, rounder.options, P2P_POWER)
+    t_min = simulate(DAG, PROFILE.for_stages(DAG.schedule.stage_ranks), P2P_POWER).iteration_time
+    solved = [(t_min * s, relaxation.solve(t_min * s)) for s in stretches]
+    return [RoundingJob(deadline, relaxed.durations, relaxed.lower_bound) for deadline, relaxed in solved]
+
+
+class PidRounder(Rounder):
+    """Answers every job with the id of the process that rounded it."""
+
+    def round(self, job: RoundingJob) -> np.ndarray:
+        return np.array([os.getpid()])
+
+
+class DyingRounder(Rounder):
+    """Kills any worker process that rounds with it, as an out-of-memory kill would."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*args)
+        self.parent = os.getpid()
+
+    def round(self, job: RoundingJob) -> np.ndarray:
+        if os.getpid() != self.parent:
+            os._exit(1)
+        return super().round(job)
+
+
+def test_workers_round_in_other_processes_and_keep_the_jobs_order() -> None:
+    base = rounder()
+    pid_rounder = PidRounder(base.dag, base.options, base.idle_power, base.periodic)
+    planned = jobs(base)
+    with RoundingPool(pid_rounder, workers=2) as pool:
+        answered = list(pool.map(iter(planned)))
+    assert [job for job, _ in answered] == planned
+    pids = {int(result[0]) for _, result in answered}
+    assert os.getpid() not in pids and 1 <= len(pids) <= 2
+
+
+def test_workers_plan_the_same_frontier_as_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(planner, "PARALLEL_MIN_NODES", 0)  # a small pipeline, planned on workers all the same
+    here = plan_frontier(PROFILE, DAG, P2P_POWER, exact_seconds=0)
+    spread = plan_frontier(PROFILE, DAG, P2P_POWER, exact_seconds=0, workers=2)
+    assert len(here.plans) >= 5
+    assert [(p.iteration_time, p.energy, p.lower_bound, p.plan) for p in spread.plans] == [
+        (p.iteration_time, p.energy, p.lower_bound, p.plan) for p in here.plans
+    ]
+
+
+def test_a_killed_worker_leaves_the_rest_to_this_process_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
+    base = rounder()
+    dying = DyingRounder(base.dag, base.options, base.idle_power, base.periodic)
+    planned = jobs(base)
+    with caplog.at_level(logging.WARNING, logger=rounding.__name__), RoundingPool(dying, workers=2) as pool:
+        plans = [plan for _, plan in pool.map(planned)]
+    expected = [base.round(job) for job in planned]
+    assert all(np.array_equal(a, b) for a, b in zip(plans, expected))
+    assert all(iteration_time(DAG, base.options, plan) <= job.deadline * (1 + 1e-9) for plan, job in zip(plans, planned))
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "BrokenProcessPool" in warnings[0] and "planning in this process" in warnings[0]
+
+
+def test_a_pool_that_cannot_start_plans_here_with_one_warning(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    def no_semaphores(*args: object, **kwargs: object) -> None:
+        raise OSError(38, "Function not implemented")  # what sem_open raises without /dev/shm
+
+    monkeypatch.setattr(rounding, "ProcessPoolExecutor", no_semaphores)
+    base = rounder()
+    planned = jobs(base, stretches=(1.0, 1.03))
+    with caplog.at_level(logging.WARNING, logger=rounding.__name__), RoundingPool(base, workers=4) as pool:
+        plans = [plan for _, plan in pool.map(planned)]
+    assert all(np.array_equal(a, base.round(job)) for a, job in zip(plans, planned))
+    assert [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING] == [
+        "planner worker processes failed (OSError: [Errno 38] Function not implemented); planning in this process instead"
+    ]
+
+
+def test_workers_must_be_positive() -> None:
+    with pytest.raises(PlanError, match=r"workers is 0\. Fix: give 1"):
+        plan_frontier(PROFILE, DAG, P2P_POWER, workers=0)
+
+
+KILLED_PLANNER = """
+import os, sys, time
+import numpy as np
+sys.path.insert(0, {tests!r})
+from perseus_lightning.core.rounding import Rounder, RoundingJob, RoundingPool
+from test_rounding import rounder
+
+
+class SleepyRounder(Rounder):
+    def round(self, job):
+        open(os.path.join({folder!r}, str(os.getpid())), "w").close()
+        time.sleep(3)
+        return np.zeros(1)
+
+
+if __name__ == "__main__":
+    base = rounder()
+    job = RoundingJob(1.0, np.zeros(base.dag.num_nodes), None)
+    with RoundingPool(SleepyRounder(base.dag, base.options, base.idle_power, False), workers=2) as pool:
+        list(pool.map([job, job]))
+"""
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM, signal.SIGKILL], ids=lambda s: s.name)
+def test_workers_exit_with_the_planner_however_it_ends(tmp_path: Path, sig: signal.Signals) -> None:
+    script = tmp_path / "planner.py"
+    folder = tmp_path / "workers"
+    folder.mkdir()
+    script.write_text(KILLED_PLANNER.format(tests=str(Path(__file__).parent), folder=str(folder)))
+    planner_process = subprocess.Popen(
+        [sys.executable, str(script)], stderr=subprocess.PIPE, text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # a background job would ignore Ctrl-C
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while len(list(folder.iterdir())) < 2 and time.monotonic() < deadline and planner_process.poll() is None:
+            time.sleep(0.1)
+        workers = [int(p.name) for p in folder.iterdir()]
+        assert len(workers) == 2, planner_process.stderr.read() if planner_process.poll() is not None else "workers never started"
+        planner_process.send_signal(sig)
+        assert planner_process.wait(timeout=10) != 0  # after Ctrl-C, once the workers' current (3-s) jobs end
+        deadline = time.monotonic() + 10
+        while any(Path(f"/proc/{pid}").exists() for pid in workers) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not any(Path(f"/proc/{pid}").exists() for pid in workers)
+    finally:
+        planner_process.kill()
+        planner_process.wait()
