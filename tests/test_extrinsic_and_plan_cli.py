@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from perseus_lightning.cli import plan as plan_cli
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.extrinsic import evaluate_straggler
 from perseus_lightning.core.gpu_model import A100_LIKE
@@ -129,6 +130,18 @@ def test_plan_workers_must_be_positive(capsys: pytest.CaptureFixture[str], examp
     code, _, err = run_cli(capsys, *plan_args(example_csv, 8, tmp_path / "f.json", "--workers", "0"))
     assert code == 2
     assert err.count("\n") == 1 and "workers is 0" in err and "Fix:" in err
+
+
+def test_ctrl_c_ends_a_command_with_one_line_and_exit_code_130(
+    capsys: pytest.CaptureFixture[str], example_csv: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # what Python raises in the main thread on Ctrl-C
+
+    monkeypatch.setattr(plan_cli, "plan_frontier", interrupted)
+    code, out, err = run_cli(capsys, *plan_args(example_csv, 8, tmp_path / "f.json"))
+    assert (code, out, err) == (130, "", "perseus plan: interrupted\n")
+    assert not (tmp_path / "f.json").exists()
 
 
 def test_plan_refuses_zeus_files_for_other_schedules(

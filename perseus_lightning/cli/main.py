@@ -61,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except BrokenPipeError:  # e.g. `perseus simulate ... --json | head`
         return 0
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback; 130 as a shell reports SIGINT
+        print(f"perseus {args.command}: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":
