@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,18 @@ from perseus_lightning.gpu.watchdog import describe_device, reopen_device
 WORKER = Path(__file__).resolve().parent / "clock_locking_worker.py"
 LOW = min(A100_LIKE.frequencies)
 WATCHDOG_RESET_MESSAGE = "ended without resetting its GPU clocks"
+
+
+@pytest.fixture(autouse=True)
+def sigint_as_from_a_terminal() -> Iterator[None]:
+    """Let SIGINT through even when pytest was started with it ignored (in the background, under
+    nohup), where a guard rightly leaves it alone and these tests could not send Ctrl-C."""
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    if ignored:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    if ignored:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 @pytest.fixture(autouse=True)
