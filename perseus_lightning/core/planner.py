@@ -68,7 +68,7 @@ PERIODIC_MIN_NODES = 4096
 """Instructions from which a synchronous-1F1B pipeline is planned with the periodic LP."""
 PARALLEL_MIN_NODES = 300
 """Instructions from which ``workers`` > 1 round deadlines on worker processes (below, starting
-them, about a second, costs more than they save)."""
+them, about 0.6 s, costs more than they save)."""
 _ROUNDING_TOLERANCE = 1e-9
 """Relative float noise by which a plan may end past a deadline and still count as meeting it."""
 _MAX_REFINEMENTS = 4
@@ -236,18 +236,12 @@ def plan_frontier(
             if not gaps or points is not None:
                 break
             middles = [(0.5 * (a.iteration_time + b.iteration_time), a) for a, b in gaps]
-            for a, b in _each_after(gaps, sweep.plan_each(pool, middles)):
+            for (a, b), _ in zip(gaps, sweep.plan_each(pool, middles)):  # a gap's blends once its middle is planned
                 sweep.blend(a, b)
             plans = _frontier_of(sweep.found, t_min)
     if exact_seconds > 0 and ExactPlanner.fits(sweep.options):
         plans = _plan_exactly(sweep, plans, t_min, time.monotonic() + exact_seconds, fill_gaps=points is None)
     return Frontier(dag, p2p_power, (t_min, sweep.baseline.energy), plans)
-
-
-def _each_after(items: list[tuple[FrontierPlan, FrontierPlan]], done: Iterator[FrontierPlan]) -> Iterator[tuple[FrontierPlan, FrontierPlan]]:
-    """Each of ``items`` once the matching element of ``done`` has been produced."""
-    for item, _ in zip(items, done):
-        yield item
 
 
 def _wide_gaps(plans: list[FrontierPlan], t_min: float) -> list[tuple[FrontierPlan, FrontierPlan]]:

@@ -15,6 +15,8 @@ Results come back in the order the jobs were given, and are the same as in one p
 from __future__ import annotations
 
 import logging
+import multiprocessing
+import multiprocessing.connection
 import os
 import signal
 import threading
@@ -130,8 +132,6 @@ class RoundingPool:
         self._executor: ProcessPoolExecutor | None = None
         self._failed = False
         if workers > 1:
-            import multiprocessing
-
             try:
                 self._executor = ProcessPoolExecutor(
                     workers, mp_context=multiprocessing.get_context("spawn"), initializer=_adopt, initargs=(rounder,)
@@ -205,9 +205,6 @@ def _adopt(rounder: Rounder) -> None:
 
 
 def _exit_with_parent() -> None:
-    import multiprocessing
-    import multiprocessing.connection
-
     parent = multiprocessing.parent_process()
     if parent is not None:
         multiprocessing.connection.wait([parent.sentinel])
