@@ -12,6 +12,7 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.profile import BACKWARD, FORWARD
+from perseus_lightning.core import relax_and_fix as relax_and_fix_module
 from perseus_lightning.core.relax_and_fix import ON_VERTEX, refix, relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.slack import option_durations
@@ -91,6 +92,29 @@ def test_one_window_is_the_optimal_mix_of_the_bracketing_vertices(instance, stre
             best = min(best, total_cost(options, mix))
     choice = relax_and_fix(dag, options, relaxed.durations, deadline, window=dag.num_nodes)
     assert total_cost(options, choice) == pytest.approx(best, rel=1e-6, abs=1e-6)
+
+
+def test_windows_where_no_member_fits_alone_skip_the_milp_and_pick_the_same(instance, monkeypatch: pytest.MonkeyPatch) -> None:
+    dag, options, relaxation, t_min = instance
+    answers: list[bool] = []
+    fits_alone = relax_and_fix_module._Windows._any_fits_alone
+
+    def recorded(*args: object) -> bool:
+        answers.append(fits_alone(*args))
+        return answers[-1]
+
+    deadlines = [t_min * stretch for stretch in (1.0, 1.01, 1.03, 1.08)]
+    relaxed = [relaxation.solve(deadline).durations for deadline in deadlines]
+
+    def rounded(window: int) -> list[np.ndarray]:
+        return [relax_and_fix(dag, options, durations, deadline, window=window) for durations, deadline in zip(relaxed, deadlines)]
+
+    for window in (1, 3, 20):
+        monkeypatch.setattr(relax_and_fix_module._Windows, "_any_fits_alone", recorded)
+        choices = rounded(window)
+        monkeypatch.setattr(relax_and_fix_module._Windows, "_any_fits_alone", lambda *args: True)  # every window's MILP
+        assert all(np.array_equal(a, b) for a, b in zip(choices, rounded(window)))
+    assert not all(answers), "no window here was decided without its MILP"
 
 
 def test_durations_on_hull_vertices_come_back_unchanged(instance) -> None:

@@ -7,6 +7,7 @@ row per edge ``u -> v`` (``u`` ends before ``v`` starts) and one per sink (it en
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -56,11 +57,42 @@ def load_model(lp: Any, rows: list[np.ndarray], cols: list[np.ndarray], vals: li
     lp.a_matrix_.format_ = highspy.MatrixFormat.kColwise
     lp.a_matrix_.num_col_, lp.a_matrix_.num_row_ = lp.num_col_, lp.num_row_
     lp.a_matrix_.start_, lp.a_matrix_.index_, lp.a_matrix_.value_ = matrix.indptr, matrix.indices, matrix.data
+    solver = quiet_solver()
+    solver.passModel(lp)
+    return solver
+
+
+def quiet_solver() -> Any:
+    """A ``highspy.Highs`` that prints nothing and runs on one thread where it can (see :func:`_threads`)."""
+    import highspy
+
     with _quiet_stdout():  # HiGHS prints a banner on construction
         solver = highspy.Highs()
     solver.setOptionValue("output_flag", False)
-    solver.passModel(lp)
+    solver.setOptionValue("threads", _threads())
     return solver
+
+
+@functools.cache
+def _threads() -> int:
+    """1 if this process's HiGHS may run on one thread, else 0 (HiGHS's choice).
+
+    The planner's models are small MILPs and LPs, thousands per frontier. With HiGHS's default
+    thread count, its scheduler's second thread busy-waits between them: a fifth more CPU time
+    for the same plans' work (session 11, 2 cores). HiGHS starts one scheduler per process, on
+    the first run, and refuses a later run that asks for another thread count; 0 accepts any. So
+    if another highspy user in this process started it first with more threads, 0 it is.
+    """
+    import highspy
+
+    with _quiet_stdout():
+        probe = highspy.Highs()
+    probe.setOptionValue("output_flag", False)
+    probe.setOptionValue("threads", 1)
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.col_cost_, lp.col_lower_, lp.col_upper_ = 1, np.array([1.0]), np.array([0.0]), np.array([1.0])
+    probe.passModel(lp)
+    return 1 if probe.run() == highspy.HighsStatus.kOk else 0
 
 
 @contextmanager

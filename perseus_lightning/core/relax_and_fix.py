@@ -36,6 +36,9 @@ WINDOW = 20
 MAX_NODES = 200
 """Branch-and-bound nodes per window's MILP (deterministic, unlike a time limit); past it the best
 mix found so far is kept, or the window's faster vertices if none was found."""
+FLOAT_MARGIN = 1e-7
+"""Relative to the horizon: a member whose float falls short of its stretch by less than this still
+goes to the MILP, whose feasibility tolerance decides, so skipping the MILP never changes a pick."""
 ON_VERTEX = 1e-9
 """Relative distance from a hull vertex within which an LP duration counts as that vertex."""
 
@@ -180,6 +183,29 @@ class _Windows:
         region = [node for node in span if node in after and node in before]
         return self._mix(region, members, brackets, current, after, before)
 
+    def _any_fits_alone(
+        self,
+        region: list[int],
+        column: dict[int, int],
+        stretch: dict[int, float],
+        earliest_start: list[float],
+        fixed: list[float],
+        due: list[float],
+    ) -> bool:
+        """Whether some member (a key of ``stretch``) fits at its slower vertex while every other
+        member keeps its faster one: its *float* (its latest finish minus its earliest finish, every
+        member faster) covers its stretch, up to ``FLOAT_MARGIN``. If none does, the window's only
+        feasible pick is every member faster."""
+        preds, succs = self.dag.predecessors, self.dag.successors
+        finish = [0.0] * len(region)
+        for k, node in enumerate(region):
+            finish[k] = max([earliest_start[k], *(finish[column[p]] for p in preds[node] if p in column)]) + fixed[k]
+        latest_finish = [0.0] * len(region)
+        for k in range(len(region) - 1, -1, -1):
+            latest_finish[k] = min([due[k], *(latest_finish[column[s]] - fixed[column[s]] for s in succs[region[k]] if s in column)])
+        margin = FLOAT_MARGIN * self.horizon
+        return any(latest_finish[column[node]] - finish[column[node]] + margin >= extra for node, extra in stretch.items())
+
     def _mix(
         self,
         region: list[int],
@@ -205,22 +231,23 @@ class _Windows:
                 rows[2].append(value)
             upper.append(bound)
 
-        earliest_start = []
+        earliest_start, fixed, due = [], [], []
         for node in region:
-            fixed = float(current[node])
-            stretch: list[tuple[int, float]] = []
-            if node in slower:
-                low, high = brackets[node]
-                fixed = float(self.options[node].time[low])
-                stretch = [(slower[node], float(self.options[node].time[high]) - fixed)]
+            fixed.append(float(self.options[node].time[brackets[node][0]]) if node in slower else float(current[node]))
             earliest_start.append(max((self.finish[p] for p in self.dag.predecessors[node] if p not in after), default=0.0))
             successors = self.dag.successors[node]
-            due = min((self.latest[s] for s in successors if s not in before), default=np.inf) if successors else self.horizon
-            if np.isfinite(due):
-                add_row([(column[node], 1.0), *stretch], due - fixed)
-            for succ in successors:
+            due.append(min((self.latest[s] for s in successors if s not in before), default=np.inf) if successors else self.horizon)
+        stretch = {node: float(self.options[node].time[brackets[node][1]]) - fixed[column[node]] for node in members}
+        faster = np.array([brackets[node][0] for node in members])
+        if not self._any_fits_alone(region, column, stretch, earliest_start, fixed, due):
+            return faster  # the only feasible pick
+        for k, node in enumerate(region):
+            terms = [(slower[node], stretch[node])] if node in slower else []
+            if np.isfinite(due[k]):
+                add_row([(k, 1.0), *terms], due[k] - fixed[k])
+            for succ in self.dag.successors[node]:
                 if succ in column:
-                    add_row([(column[node], 1.0), (column[succ], -1.0), *stretch], -fixed)
+                    add_row([(k, 1.0), (column[succ], -1.0), *terms], -fixed[k])
         saving = [
             float(self.options[node].cost[brackets[node][1]] - self.options[node].cost[brackets[node][0]]) for node in members
         ]
@@ -241,7 +268,6 @@ class _Windows:
         ):
             solver.setOptionValue(option, value)
         solver.run()
-        faster = np.array([brackets[node][0] for node in members])
         if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
             return faster
         picks = np.asarray(solver.getSolution().col_value)[len(region) :] > 0.5
