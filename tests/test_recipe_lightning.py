@@ -1,8 +1,8 @@
 """The Lightning GPT recipe (``recipes/gpt_lightning.py``) and its pipeline helpers (``recipes/gpt_pipeline.py``).
 
-The ``distributed`` tests launch the recipe with torchrun on 2 gloo processes, ``--no-perseus``.
-Runs with ``PerseusCallback`` (baseline vs deployed energy, straggler emulation) are still to be
-added here, once the callback's runtime completes a plan on this job.
+The ``distributed`` tests launch the recipe with torchrun on gloo processes: training alone
+(``--no-perseus``, 2 processes), and with ``PerseusCallback`` on emulated GPUs through to its
+monitor phase (4 processes, 2 pipelines of 2 stages; and 2 processes with multi-stage schedules).
 """
 
 from __future__ import annotations
@@ -121,7 +121,7 @@ def test_recipe_on_four_processes_reports_the_measured_saving(tmp_path: Path) ->
         "profiling: {max_clocks: 4, iterations_per_clock: 2}\nstraggler: {threshold: 0.3, patience: 3, recovery: 0.1}\n"
     )
     summary_path = tmp_path / "summary.json"
-    args = ["--summary", str(summary_path), "--pp", "2", "--dp", "2", "--steps", "45", "--perseus-config", str(config)]
+    args = ["--summary", str(summary_path), "--pp", "2", "--dp", "2", "--steps", "30", "--perseus-config", str(config)]
     result = torchrun(4, RECIPES / "gpt_lightning.py", args, timeout=LAUNCH_TIMEOUT_S * 2, done=summary_path.exists,
                       env={"PERSEUS_EMULATED_GPU_UPDATE_PERIOD": "0.02"})
     assert summary_path.exists(), result.stderr[-3000:]
@@ -140,7 +140,7 @@ def test_callback_plans_multi_stage_schedules(schedule: str, kinds: set[str], tm
     config.write_text("gpu_backend: emulated\ncache_dir: null\nbaseline_iterations: 4\ndeploy_iterations: 4\n"
                       "profiling: {max_clocks: 4, iterations_per_clock: 2}\n")
     summary_path = tmp_path / "summary.json"
-    args = ["--summary", str(summary_path), "--pp", "2", "--schedule", schedule, "--steps", "45", "--perseus-config", str(config)]
+    args = ["--summary", str(summary_path), "--pp", "2", "--schedule", schedule, "--steps", "30", "--perseus-config", str(config)]
     result = torchrun(2, RECIPES / "gpt_lightning.py", args, timeout=LAUNCH_TIMEOUT_S, done=summary_path.exists,
                       env={"PERSEUS_EMULATED_GPU_UPDATE_PERIOD": "0.02"})
     assert summary_path.exists(), result.stderr[-3000:]
