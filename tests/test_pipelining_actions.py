@@ -1,7 +1,8 @@
 """Observed ``torch.distributed.pipelining`` execution against the built-in schedules.
 
-The ``distributed`` tests launch a real 2-process gloo job (``tests/distributed/pipelining_worker.py``)
-and compare the DAG of the actions each rank actually ran with the DAG of the built-in schedule.
+The ``distributed`` tests launch one real 2-process gloo job for all their cases
+(``tests/distributed/pipelining_worker.py``) and compare the DAG of the actions each rank actually
+ran with the DAG of the built-in schedule.
 """
 
 from __future__ import annotations
@@ -113,13 +114,25 @@ def test_nested_instrumentation_restores_the_outer_one() -> None:
     assert "forward_one_chunk" not in vars(stage)
 
 
-def _observed_steps(schedule: str, microbatches: int, virtual_stages: int, output: Path) -> list[list[list[str]]]:
-    """Per-step, per-rank observed actions; a job that dies at exit still counts if it wrote its result."""
-    args = [schedule, str(microbatches), str(output), "--virtual-stages", str(virtual_stages)]
-    result = torchrun(2, WORKER, args, timeout=LAUNCH_TIMEOUT_S, done=output.exists)
+CASES = [("1f1b", 4, 1), ("1f1b", 3, 1), ("gpipe", 4, 1), ("interleaved-1f1b", 4, 2), ("zero-bubble", 4, 1), ("zero-bubble", 4, 2)]
+"""(schedule, microbatches, virtual stages): all run one after the other in one 2-process job."""
+
+
+def _spec(schedule: str, microbatches: int, virtual_stages: int) -> str:
+    return f"{schedule}:{microbatches}:{virtual_stages}"
+
+
+@pytest.fixture(scope="module")
+def observed_steps(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[list[list[str]]]]:
+    """Per case, per step, per rank: the observed actions; a job that dies at exit still counts if it wrote its result."""
+    torch = pytest.importorskip("torch")
+    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
+        pytest.skip("torch.distributed with gloo is not available")
+    output = tmp_path_factory.mktemp("pipelining") / "actions.json"
+    result = torchrun(2, WORKER, [str(output), *(_spec(*case) for case in CASES)], timeout=LAUNCH_TIMEOUT_S, done=output.exists)
     if not output.exists():
         pytest.fail(f"worker wrote no result (exit code {result.returncode}):\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
-    return json.loads(output.read_text())["steps"]
+    return json.loads(output.read_text())
 
 
 def _edges(dag: InstructionDAG) -> set[tuple[Instruction, Instruction]]:
@@ -139,24 +152,11 @@ def _assert_same_dag(observed: PipelineSchedule, expected: PipelineSchedule) -> 
 
 
 @pytest.mark.distributed
-@pytest.mark.parametrize(
-    ("schedule", "microbatches", "virtual_stages"),
-    [
-        ("1f1b", 4, 1),
-        ("1f1b", 3, 1),
-        ("gpipe", 4, 1),
-        ("interleaved-1f1b", 4, 2),
-        ("zero-bubble", 4, 1),
-        ("zero-bubble", 4, 2),
-    ],
-)
+@pytest.mark.parametrize(("schedule", "microbatches", "virtual_stages"), CASES)
 def test_executed_actions_match_builtin_schedule(
-    schedule: str, microbatches: int, virtual_stages: int, tmp_path: Path
+    schedule: str, microbatches: int, virtual_stages: int, observed_steps: dict[str, list[list[list[str]]]]
 ) -> None:
-    torch = pytest.importorskip("torch")
-    if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
-        pytest.skip("torch.distributed with gloo is not available")
-    steps = _observed_steps(schedule, microbatches, virtual_stages, tmp_path / "actions.json")
+    steps = observed_steps[_spec(schedule, microbatches, virtual_stages)]
     expected = build_schedule(schedule, 2, microbatches, virtual_stages=virtual_stages)
     assert len(steps) == 2
     for ranks in steps:
