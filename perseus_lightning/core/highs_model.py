@@ -64,12 +64,18 @@ def load_model(lp: Any, rows: list[np.ndarray], cols: list[np.ndarray], vals: li
 
 def quiet_solver() -> Any:
     """A ``highspy.Highs`` that prints nothing and runs on one thread where it can (see :func:`_threads`)."""
+    solver = _silent_highs()
+    solver.setOptionValue("threads", _threads())
+    return solver
+
+
+def _silent_highs() -> Any:
+    """A ``highspy.Highs`` with HiGHS's own settings, except that it prints nothing."""
     import highspy
 
     with _quiet_stdout():  # HiGHS prints a banner on construction
         solver = highspy.Highs()
     solver.setOptionValue("output_flag", False)
-    solver.setOptionValue("threads", _threads())
     return solver
 
 
@@ -85,9 +91,7 @@ def _threads() -> int:
     """
     import highspy
 
-    with _quiet_stdout():
-        probe = highspy.Highs()
-    probe.setOptionValue("output_flag", False)
+    probe = _silent_highs()
     probe.setOptionValue("threads", 1)
     lp = highspy.HighsLp()
     lp.num_col_, lp.col_cost_, lp.col_lower_, lp.col_upper_ = 1, np.array([1.0]), np.array([0.0]), np.array([1.0])

@@ -50,7 +50,7 @@ from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.rounding import Rounder, RoundingJob, RoundingPool
+from perseus_lightning.core.rounding import CHEAPER, ROUNDING_TOLERANCE, Rounder, RoundingJob, RoundingPool
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
 from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
@@ -69,11 +69,7 @@ PERIODIC_MIN_NODES = 4096
 PARALLEL_MIN_NODES = 300
 """Instructions from which ``workers`` > 1 round deadlines on worker processes (below, starting
 them, about 0.6 s, costs more than they save)."""
-_ROUNDING_TOLERANCE = 1e-9
-"""Relative float noise by which a plan may end past a deadline and still count as meeting it."""
 _MAX_REFINEMENTS = 4
-_CHEAPER = 1e-9
-"""Relative energy difference that counts as a cheaper plan."""
 _BEFORE = 1e-6
 """Relative margin before a gap's slower end that its last exact solve must finish by."""
 
@@ -115,7 +111,7 @@ class Frontier:
 
     def select(self, deadline: float) -> FrontierPlan:
         """The cheapest plan that finishes by ``deadline`` (the fastest plan if none does)."""
-        fitting = [p for p in self.plans if p.iteration_time <= deadline * (1 + _ROUNDING_TOLERANCE)]
+        fitting = [p for p in self.plans if p.iteration_time <= deadline * (1 + ROUNDING_TOLERANCE)]
         return min(fitting, key=lambda p: p.energy) if fitting else self.fastest
 
     def for_straggler(self, straggler_time: float) -> FrontierPlan:
@@ -264,7 +260,7 @@ def _plan_exactly(sweep: _Sweep, plans: list[FrontierPlan], t_min: float, until:
         a, b = gap
         for deadline in (0.5 * (a.iteration_time + b.iteration_time), b.iteration_time * (1 - _BEFORE)):
             found = sweep.plan_exactly(exact, deadline, a, until)
-            if found.iteration_time < b.iteration_time and found.energy < a.energy * (1 - _CHEAPER):
+            if found.iteration_time < b.iteration_time and found.energy < a.energy * (1 - CHEAPER):
                 break
         else:
             settled.add((a.iteration_time, b.iteration_time))
@@ -334,7 +330,7 @@ class _Sweep:
             _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
             choice = reclaim_slack(self.dag, self.options, choice, float(end.max()))
             result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
-            if result.iteration_time < slower.iteration_time and result.energy < faster.energy * (1 - _CHEAPER):
+            if result.iteration_time < slower.iteration_time and result.energy < faster.energy * (1 - CHEAPER):
                 self._record(choice, result, self.relaxation.solve(result.iteration_time).lower_bound)
 
     def _record_plan(self, choice: np.ndarray, lower_bound: float | None) -> FrontierPlan:

@@ -40,8 +40,9 @@ REFIX_ABOVE = 0.002
 """Relative gap to the LP bound above which a deadline's relax-and-fix rounding gets improvement passes."""
 REFIX_OFFSETS = (WINDOW // 2, 0)
 """Improvement passes (:func:`~perseus_lightning.core.relax_and_fix.refix`), by their first window's length."""
-_ROUNDING_TOLERANCE = 1e-9
-_CHEAPER = 1e-9
+ROUNDING_TOLERANCE = 1e-9
+"""Relative float noise by which a plan may end past a deadline (or an LP duration) and still count as meeting it."""
+CHEAPER = 1e-9
 """Relative energy difference that counts as a cheaper plan."""
 
 
@@ -70,7 +71,7 @@ class Rounder:
     def round(self, job: RoundingJob) -> np.ndarray:
         """The cheapest plan found for ``job`` that finishes by its deadline (all-max-clock's
         reclaimed plan if no start does: the LP's durations end past it by float noise)."""
-        limits = (job.durations * (1 + _ROUNDING_TOLERANCE)).tolist()
+        limits = (job.durations * (1 + ROUNDING_TOLERANCE)).tolist()
         starts = [np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)]), *job.starts]
         rounding = None if self.periodic else relax_and_fix(self.dag, self.options, job.durations, job.deadline)
         if rounding is not None:
@@ -107,7 +108,7 @@ class Rounder:
         for offset in REFIX_OFFSETS:
             improved = refix(self.dag, self.options, rounding, durations, deadline, offset=offset)
             improved_energy = self.energy(improved)
-            if improved_energy < energy * (1 - _CHEAPER):
+            if improved_energy < energy * (1 - CHEAPER):
                 rounding, energy = improved, improved_energy
                 found += self.reclaimed(rounding, deadline)
         return found
