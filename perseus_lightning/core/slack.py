@@ -52,18 +52,18 @@ def reclaim_slack(
     schedule = _schedule_within(dag, options, choice, deadline)
     if schedule is None:
         return None
-    start = schedule[1]
-    reclaimed = choice.copy()
-    latest_start = np.full(dag.num_nodes, np.inf)
+    start = schedule[1].tolist()
+    reclaimed = choice.tolist()
+    latest_start = [0.0] * dag.num_nodes
     successors = dag.successors
     for node in dag.topological_order[::-1].tolist():
-        latest_finish = min((latest_start[s] for s in successors[node]), default=deadline)
+        latest_finish = min([latest_start[s] for s in successors[node]], default=deadline)
         opt = options[node]
         slowest = opt.cheapest_within((latest_finish - start[node]) * (1 + _TOLERANCE))
         if slowest > reclaimed[node]:
             reclaimed[node] = slowest
-        latest_start[node] = latest_finish - opt.time[reclaimed[node]]
-    return reclaimed
+        latest_start[node] = latest_finish - opt.time_list[reclaimed[node]]
+    return np.array(reclaimed, dtype=np.int64)
 
 
 def reclaim_slack_by_value(
@@ -152,8 +152,20 @@ class _SlackByValue:
             self.reversed_rank,
             self.reversed_order,
         )
-        for changed in {node, *later, *earlier}:
-            self._offer(changed)
+        self._offer(node)
+        for narrowed in (*later, *earlier):
+            self._narrow(narrowed)
+
+    def _narrow(self, node: int) -> None:
+        """Offer ``node``'s move again after its window shrank (a move only ever shrinks the windows
+        of the nodes before and after it): with no move queued, or a queued target that still fits,
+        nothing changes, so the bisection of :meth:`_offer` is skipped."""
+        target = self.offered[node]
+        if target == _NONE:
+            return
+        window = -self.reversed_start[node] - self.start[node]
+        if self.options[node].time_list[target] > window * (1 + _TOLERANCE):
+            self._offer(node)
 
     def _delay(
         self,
@@ -169,20 +181,23 @@ class _SlackByValue:
         moved later, in topological ``order`` (``rank``: each node's position in it); the nodes delayed.
 
         Every node queued comes after the one being processed, so each is processed once, after all
-        its predecessors."""
+        its predecessors (a node queued twice pops twice in a row: the second is skipped)."""
         queue = [rank[n] for n in after[node]]
         heapq.heapify(queue)
-        queued = set(after[node])
         delayed: list[int] = []
         duration = self.duration
+        pop, push = heapq.heappop, heapq.heappush
+        last = -1
         while queue:
-            current = order[heapq.heappop(queue)]
+            position = pop(queue)
+            if position == last:  # queued by two delayed predecessors
+                continue
+            last = position
+            current = order[position]
             earliest = max([finish[p] for p in before[current]])
             if earliest > start[current]:
                 start[current], finish[current] = earliest, earliest + duration[current]
                 delayed.append(current)
                 for n in after[current]:
-                    if n not in queued:
-                        queued.add(n)
-                        heapq.heappush(queue, rank[n])
+                    push(queue, rank[n])
         return delayed
