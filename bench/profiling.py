@@ -7,11 +7,13 @@ is the truth of an emulated GPU (8 stages, 12 microbatches, synchronous 1F1B). T
 virtual time, one :class:`~perseus_lightning.runtime.profiler.ClockProfiler` per rank as in the
 runtime: every rank runs ``--iterations`` iterations at its profiler's next clock (ranks whose
 profiler is done run at the maximum clock), each instruction lasting its profiled time with
-``--time-jitter`` relative noise. Each rank's energy counter updates every ``--update-period``
-seconds with ``--counter-noise`` multiplicative noise on each update, like the emulated GPU; each
-update's time is known only to within ``--read-gap`` (the sampler's poll). The counter is attributed
-to the instruction kinds by :func:`~perseus_lightning.gpu.energy.attribute_energy`, the runtime's
-regression, and fed to the rank's profiler; rank 0 plans on the merged rows.
+``--time-jitter`` relative noise, and a fraction ``--stall-rate`` of them ``--stall-factor`` times
+longer at the same power (a host stall inside the instruction; none by default). Each rank's energy
+counter updates every ``--update-period`` seconds with ``--counter-noise`` multiplicative noise on
+each update, like the emulated GPU; each update's time is known only to within ``--read-gap`` (the
+sampler's poll). The counter is attributed to the instruction kinds by
+:func:`~perseus_lightning.gpu.energy.attribute_energy`, the runtime's regression, and fed to the
+rank's profiler; rank 0 plans on the merged rows.
 
 Columns: clocks the busiest rank measured / supported clocks; training iterations spent profiling;
 energy saving of the zero-slowdown plan (``plan_frontier(...).fastest``) against every instruction
@@ -34,7 +36,7 @@ from rich.console import Console
 from rich.table import Table
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.planner import plan_frontier
+from perseus_lightning.core.planner import EXACT_SECONDS, plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import earliest_schedule, instruction_costs, simulate
@@ -58,6 +60,9 @@ class Emulation:
     update_period: float
     counter_noise: float
     read_gap: float
+    stall_rate: float = 0.0
+    """Fraction of instructions stalled: ``stall_factor`` times longer, at the same power."""
+    stall_factor: float = 3.0
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,8 @@ def run_iterations(dag: InstructionDAG, truth: Profile, rank_clocks: list[int], 
     starts, ends, offset = [], [], 0.0
     for _ in range(emulation.iterations):
         durations = mean_time * (1.0 + emulation.time_jitter * rng.standard_normal(dag.num_nodes))
+        if emulation.stall_rate > 0:
+            durations[rng.random(dag.num_nodes) < emulation.stall_rate] *= emulation.stall_factor
         start, end = earliest_schedule(dag, durations)
         starts.append(start + offset)
         ends.append(end + offset)
@@ -109,7 +116,7 @@ def measure(dag: InstructionDAG, truth: Profile, p2p_power: float, rank_clocks: 
         mine = np.flatnonzero(node_ranks == rank)
         ticks, values = counter_readings(starts[mine], ends[mine], power[mine], p2p_power, emulation, rng)
         attribution = attribute_energy(ticks, values, [(keys[n], starts[n], ends[n]) for n in mine])
-        per_rank.append({key: KindMeasurement(label.mean_duration_s, label.energy_j, label.count)
+        per_rank.append({key: KindMeasurement(label.duration_s, label.energy_j, label.count)
                          for key, label in attribution.labels.items()})
     return per_rank
 
@@ -129,12 +136,14 @@ def profile_in_situ(dag: InstructionDAG, truth: Profile, p2p_power: float, emula
     return Profile.from_rows(rows, source="<in-situ profile>"), profilers, iterations
 
 
-def evaluate(truth: Profile, dag: InstructionDAG, p2p_power: float, emulation: Emulation, seed: int) -> Outcome:
-    """Profile ``truth`` in situ (random stream ``seed``) and compare the zero-slowdown plans."""
+def evaluate(truth: Profile, dag: InstructionDAG, p2p_power: float, emulation: Emulation, seed: int,
+             exact_seconds: float = EXACT_SECONDS) -> Outcome:
+    """Profile ``truth`` in situ (random stream ``seed``) and compare the zero-slowdown plans, both planned
+    with ``exact_seconds`` of exact MILP (used by small pipelines only)."""
     baseline = simulate(dag, truth, p2p_power)
-    full = plan_frontier(truth, dag, p2p_power).fastest
+    full = plan_frontier(truth, dag, p2p_power, exact_seconds=exact_seconds).fastest
     estimate, profilers, iterations = profile_in_situ(dag, truth, p2p_power, emulation, np.random.default_rng(seed))
-    deployed = simulate(dag, truth, p2p_power, plan_frontier(estimate, dag, p2p_power).fastest.plan)
+    deployed = simulate(dag, truth, p2p_power, plan_frontier(estimate, dag, p2p_power, exact_seconds=exact_seconds).fastest.plan)
     return Outcome(
         clocks_measured=max(len(p.measured_clocks) for p in profilers),
         iterations=iterations,
@@ -150,13 +159,16 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="independent noisy profiling runs per GPU")
     parser.add_argument("--iterations", type=int, default=4, help="training iterations measured per clock")
     parser.add_argument("--time-jitter", type=float, default=0.005, help="relative noise of each instruction's duration")
+    parser.add_argument("--stall-rate", type=float, default=0.0, help="fraction of instructions stalled by the host")
+    parser.add_argument("--stall-factor", type=float, default=3.0, help="how many times longer a stalled instruction takes")
     parser.add_argument("--update-period", type=float, default=0.1, help="energy counter update period (s)")
     parser.add_argument("--counter-noise", type=float, default=0.005, help="relative noise of each counter update")
     parser.add_argument("--read-gap", type=float, default=0.001, help="uncertainty of each update's time (s)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not present: the benchmark needs the third-party stage profiles in ../shared/data")
-    emulation = Emulation(args.iterations, args.time_jitter, args.update_period, args.counter_noise, args.read_gap)
+    emulation = Emulation(args.iterations, args.time_jitter, args.update_period, args.counter_noise, args.read_gap,
+                          args.stall_rate, args.stall_factor)
     console = Console(width=160)
     dag = InstructionDAG.from_schedule(build_schedule("1f1b", STAGES, MICROBATCHES))
     missed = False

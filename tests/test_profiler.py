@@ -152,16 +152,21 @@ def test_errors_name_the_fix() -> None:
         profiler.profile()
 
 
-def test_in_situ_plan_is_close_to_the_full_profiles(shared_profile_path: Path) -> None:
-    """The benchmark's pipeline (bench/profiling.py) on 4 stages x 8 microbatches of the measured A100 profile."""
+@pytest.mark.parametrize("stall_rate", [0.0, 0.02], ids=["steady", "stalls"])
+def test_in_situ_plan_is_close_to_the_full_profiles(shared_profile_path: Path, stall_rate: float) -> None:
+    """The benchmark's pipeline (bench/profiling.py) on 4 stages x 8 microbatches of the measured A100 profile;
+    with host stalls too (2 % of the instructions 3 times longer: with mean durations, the in-situ plan was
+    up to 6 % slower than T_min on the full benchmark)."""
     from bench.profiling import Emulation, evaluate
 
     measured = Profile.load(shared_profile_path)
     kept_stages = (0, 1, 2, measured.num_stages - 1)  # keep the last stage's LM head: stages stay imbalanced
     truth = Profile({(new, kind): measured.get(old, kind) for new, old in enumerate(kept_stages) for kind in measured.kinds(old)})
     dag = InstructionDAG.from_schedule(build_schedule("1f1b", 4, 8))
-    outcome = evaluate(truth, dag, 83.64, Emulation(iterations=4, time_jitter=0.005, update_period=0.1, counter_noise=0.005,
-                                                    read_gap=0.001), seed=0)
+    emulation = Emulation(iterations=4, time_jitter=0.005, update_period=0.1, counter_noise=0.005, read_gap=0.001,
+                          stall_rate=stall_rate, stall_factor=3.0)
+    # No exact MILP: its time limit would make the plans depend on the machine's speed.
+    outcome = evaluate(truth, dag, 83.64, emulation, seed=0, exact_seconds=0)
     assert 4 * outcome.clocks_measured <= len(truth.frequencies)
     assert outcome.saving_full > 0.05
     assert outcome.saving_full - outcome.saving_in_situ < 0.005

@@ -13,7 +13,9 @@ update period. A sampler thread polls the counter and keeps the estimated time o
                  + idle_power * (time in tick interval k not covered by any instruction)
 
 and solved for non-negative powers by least squares (``scipy.optimize.nnls``). A label's energy
-per instruction is its power times its mean recorded duration. The regression alone is
+per instruction is its power times its median recorded duration: an interval stretched by a host
+stall (a preempted process, a garbage collection) inflates a mean, not the median. The regression
+alone is
 :func:`attribute_energy`, for any counter's updates (a benchmark's virtual-time counter, say).
 
 Profiling budget: an update's instant is known only to within the gap between two reads (one
@@ -106,18 +108,20 @@ class LabelEnergy:
     """Average power while an instruction of this label runs (``nan`` if no counter interval saw one)."""
     power_stderr_w: float
     """Standard error of ``power_w`` from the regression residuals (``inf`` when undetermined)."""
-    mean_duration_s: float
+    duration_s: float
+    """Median recorded duration of one instruction (s): the typical one, whatever a few stalled
+    intervals took."""
     count: int
     """How many instruction intervals were recorded under this label."""
 
     @property
     def energy_j(self) -> float:
-        """Energy of one instruction of mean duration."""
-        return self.power_w * self.mean_duration_s
+        """Energy of one instruction of typical (median) duration."""
+        return self.power_w * self.duration_s
 
     @property
     def energy_stderr_j(self) -> float:
-        return self.power_stderr_w * self.mean_duration_s
+        return self.power_stderr_w * self.duration_s
 
 
 @dataclass(frozen=True)
@@ -274,7 +278,7 @@ def attribute_energy(
     stderr[seen] = _standard_errors(design[:, seen], residual_norm)
     return EnergyAttribution(
         labels={
-            label: LabelEnergy(float(powers[i]), float(stderr[i]), float(durations[label].mean()), len(durations[label]))
+            label: LabelEnergy(float(powers[i]), float(stderr[i]), float(np.median(durations[label])), len(durations[label]))
             for i, label in enumerate(labels)
         },
         idle_power_w=float(powers[-1]),

@@ -1,7 +1,7 @@
 """In-situ clock profiling: which clocks to measure during training, and the profile they give.
 
 Each rank runs whole training iterations with its GPU locked at one clock, another component
-measures every instruction kind's mean time and energy there, and :class:`ClockProfiler` turns
+measures every instruction kind's typical (median) time and energy there, and :class:`ClockProfiler` turns
 these sparse measurements into a full :class:`~perseus_lightning.core.profile.Profile`.
 
 Which clocks (``next_clock``):
@@ -76,15 +76,15 @@ class KindMeasurement:
     """One instruction kind of one stage, measured at one clock."""
 
     time_s: float
-    """Mean duration of one instruction (s)."""
+    """Typical (median) duration of one instruction (s)."""
     energy_j: float
-    """Mean energy of one instruction (J)."""
+    """Energy of one instruction of that duration (J)."""
     count: int
     """How many instructions were averaged."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.time_s) and self.time_s > 0):
-            raise ProfileError(f"measured time is {self.time_s} s. Fix: give the mean duration of the instructions, > 0.")
+            raise ProfileError(f"measured time is {self.time_s} s. Fix: give the typical duration of the instructions, > 0.")
         if not (math.isfinite(self.energy_j) and self.energy_j >= 0):
             raise ProfileError(
                 f"measured energy is {self.energy_j} J. Fix: measure longer, so that the energy counter updates "

@@ -568,7 +568,7 @@ class PerseusRuntime:
         by_clock: dict[int, dict[tuple[int, str], KindMeasurement]] = {}
         for (stage, kind, clock), label in attribution.labels.items():
             if math.isfinite(label.power_w):
-                by_clock.setdefault(clock, {})[(stage, kind)] = KindMeasurement(label.mean_duration_s, label.energy_j, label.count)
+                by_clock.setdefault(clock, {})[(stage, kind)] = KindMeasurement(label.duration_s, label.energy_j, label.count)
         if self.config.blocking_power is None and math.isfinite(attribution.idle_power_w) and attribution.idle_power_w > 0:
             self._idle_power = attribution.idle_power_w
             self._profiler.set_p2p_power(attribution.idle_power_w)
