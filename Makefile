@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 INSTALLED := $(VENV)/.installed
 DOCS_INSTALLED := $(VENV)/.docs-installed
 
-.PHONY: demo test bench docs clean
+.PHONY: demo test lint bench docs clean
 
 $(INSTALLED): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,10 @@ demo: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest -q
+
+# Unused imports and variables, undefined names (ruff's pyflakes rules; see pyproject.toml).
+lint: $(INSTALLED)
+	$(BIN)/ruff check .
 
 # Benchmarks print tables; lowtime 0.3.0 is installed for the side-by-side comparison only.
 bench: $(INSTALLED)
