@@ -123,8 +123,7 @@ class _SlackByValue:
         """Queue ``node``'s move to the cheapest option that fits its window, if that is slower (a
         move already queued to that same option stays queued)."""
         opt, current = self.options[node], self.choice[node]
-        window = -self.reversed_start[node] - self.start[node]
-        target = opt.cheapest_within(window * (1 + _TOLERANCE))
+        target = opt.cheapest_within(self._window(node))
         if target == self.offered[node]:
             return
         self.version[node] += 1
@@ -161,11 +160,12 @@ class _SlackByValue:
         of the nodes before and after it): with no move queued, or a queued target that still fits,
         nothing changes, so the bisection of :meth:`_offer` is skipped."""
         target = self.offered[node]
-        if target == _NONE:
-            return
-        window = -self.reversed_start[node] - self.start[node]
-        if self.options[node].time_list[target] > window * (1 + _TOLERANCE):
+        if target != _NONE and self.options[node].time_list[target] > self._window(node):
             self._offer(node)
+
+    def _window(self, node: int) -> float:
+        """The time ``node`` may take: its latest finish minus its earliest start (up to float noise)."""
+        return (-self.reversed_start[node] - self.start[node]) * (1 + _TOLERANCE)
 
     def _delay(
         self,

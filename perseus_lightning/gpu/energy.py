@@ -15,8 +15,8 @@ update period. A sampler thread polls the counter and keeps the estimated time o
 and solved for non-negative powers by least squares (``scipy.optimize.nnls``). A label's energy
 per instruction is its power times its median recorded duration: an interval stretched by a host
 stall (a preempted process, a garbage collection) inflates a mean, not the median. The regression
-alone is
-:func:`attribute_energy`, for any counter's updates (a benchmark's virtual-time counter, say).
+alone is :func:`attribute_energy`, for any counter's updates (a benchmark's virtual-time counter,
+say).
 
 Profiling budget: an update's instant is known only to within the gap between two reads (one
 poll interval plus one read: ~1 ms on the emulator, ~5 ms with an H200's 4 ms reads), so each

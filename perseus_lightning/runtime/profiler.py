@@ -1,8 +1,9 @@
 """In-situ clock profiling: which clocks to measure during training, and the profile they give.
 
 Each rank runs whole training iterations with its GPU locked at one clock, another component
-measures every instruction kind's typical (median) time and energy there, and :class:`ClockProfiler` turns
-these sparse measurements into a full :class:`~perseus_lightning.core.profile.Profile`.
+measures every instruction kind's typical (median) time and energy there, and
+:class:`ClockProfiler` turns these sparse measurements into a full
+:class:`~perseus_lightning.core.profile.Profile`.
 
 Which clocks (``next_clock``):
 
@@ -80,7 +81,7 @@ class KindMeasurement:
     energy_j: float
     """Energy of one instruction of that duration (J)."""
     count: int
-    """How many instructions were averaged."""
+    """How many instructions were measured."""
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.time_s) and self.time_s > 0):
