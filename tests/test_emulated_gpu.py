@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import subprocess
 import sys
 import textwrap
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import pytest
 from perseus_lightning.core.gpu_model import A100_LIKE, H100_LIKE
 from perseus_lightning.gpu import selection
 from perseus_lightning.gpu.device import GPUControlError, GPULibraryNotFoundError
-from perseus_lightning.gpu.emulated import ENV_DIR, ENV_UPDATE_PERIOD, EmulatedGPU, emulated_gpu_dir
+from perseus_lightning.gpu.emulated import ENV_DIR, ENV_UPDATE_PERIOD, EmulatedGPU, RunQueueWait, emulated_gpu_dir
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PERIOD = 0.02
@@ -255,3 +257,51 @@ def test_a_clock_locked_mid_block_applies_from_then_on(tmp_path: Path) -> None:
     with gpu.computing():
         time.sleep(0.01)
     assert gpu.compute_log[-1].clock_mhz == low  # the lock stays
+
+
+@pytest.fixture
+def one_busy_cpu() -> Iterator[None]:
+    """This thread and two busy processes pinned to one CPU: the thread gets about a third of it."""
+    if not hasattr(os, "sched_setaffinity") or not RunQueueWait().available:
+        pytest.skip("needs Linux's sched_setaffinity and /proc/thread-self/schedstat")
+    cpus = os.sched_getaffinity(0)
+    cpu = min(cpus)
+    spin = f"import os; os.sched_setaffinity(0, {{{cpu}}}); print(flush=True)\nwhile True: pass"
+    competitors = [subprocess.Popen([sys.executable, "-c", spin], stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for process in competitors:
+            process.stdout.readline()  # pinned and spinning
+        os.sched_setaffinity(0, {cpu})
+        yield
+    finally:
+        os.sched_setaffinity(0, cpus)
+        for process in competitors:
+            process.kill()
+            process.wait()
+
+
+def busy_for(cpu_seconds: float) -> None:
+    start = time.thread_time()
+    while time.thread_time() - start < cpu_seconds:
+        pass
+
+
+def test_work_not_contention_sets_a_blocks_duration(one_busy_cpu: None) -> None:
+    dev = gpu(time_scale=4.0)  # room for the host's ~3x stretch
+    dev.lock_clock(1005)
+    cpu, start = time.thread_time(), time.monotonic()
+    with dev.computing():
+        busy_for(0.1)
+        host = time.monotonic() - start
+    cpu = time.thread_time() - cpu
+    duration = time.monotonic() - start
+    assert host > 2 * cpu  # the CPU really was contended ...
+    expected = cpu * 4.0 * A100_LIKE.time_factor(1005)
+    assert duration == pytest.approx(expected, rel=0.1)  # ... yet the block lasted its work's emulated time
+    assert duration < 0.75 * host * 4.0 * A100_LIKE.time_factor(1005)  # not the stretched wall time's
+
+
+def test_time_scale_stretches_sleeps_too_and_must_be_at_least_one() -> None:
+    assert 0.08 * 0.98 <= gpu(time_scale=2.0).compute_window(0.04) <= 0.08 + 0.05
+    with pytest.raises(ValueError, match="time_scale"):
+        gpu(time_scale=0.9)

@@ -123,6 +123,19 @@ def test_observe_mode_measures_without_touching_clocks(tmp_path) -> None:
     assert runtime.summary()["baseline"]["energy_j"] > 0
 
 
+def test_the_configured_time_scale_paces_the_emulated_gpu(tmp_path) -> None:
+    gpu = make_gpu(tmp_path)
+    runtime = PerseusRuntime(make_config(tmp_path, mode="observe", emulation={"time_scale": 2.0}), device=gpu)
+    runtime.start()
+    run(runtime, 2)
+    runtime.close()
+    durations = sorted(block.end - block.start for block in gpu.compute_log)
+    assert gpu.time_scale == 2.0 and len(durations) == 2 * 2 * MICROBATCHES
+    forwards, backwards = durations[: 2 * MICROBATCHES], durations[2 * MICROBATCHES:]  # sleeps of 3 and 6 ms
+    assert forwards[0] >= 2 * HOST_SECONDS[FORWARD] * 0.98 and backwards[0] >= 2 * HOST_SECONDS[BACKWARD] * 0.98
+    assert backwards[-1] <= 2 * HOST_SECONDS[BACKWARD] + 0.02
+
+
 def test_off_mode_opens_nothing(tmp_path) -> None:
     runtime = PerseusRuntime(make_config(tmp_path, mode="off"))
     runtime.start()

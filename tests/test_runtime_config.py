@@ -63,6 +63,7 @@ emulation:
   straggler_ranks: [1, 3]
   straggler_slowdown: 1.2
   straggler_iterations: [10, 20]
+  time_scale: 1.5
 """)
     config = PerseusConfig.from_yaml(path)
     assert config.mode == "observe" and config.gpu_backend == "emulated"
@@ -71,7 +72,7 @@ emulation:
     assert config.max_slowdown == 1.0 and isinstance(config.max_slowdown, float)
     assert config.profiling == ProfilingConfig(8, 1)
     assert config.straggler == StragglerConfig(0.1, 5, 0.03)
-    assert config.emulation == EmulationConfig((1, 3), 1.2, (10, 20))
+    assert config.emulation == EmulationConfig((1, 3), 1.2, (10, 20), time_scale=1.5)
     assert isinstance(config.emulation.straggler_ranks, tuple)
 
 
@@ -196,6 +197,7 @@ def test_wrong_types(data: dict, message: str) -> None:
          ("straggler.recovery: is 0.02, must be below threshold (0.02) or a straggler episode could not end. "
           "Fix: set recovery between 0 and threshold, e.g. recovery 0.01 for threshold 0.02.")),
         ({"emulation": {"straggler_slowdown": 0.5}}, "emulation.straggler_slowdown: is 0.5, must be >= 1."),
+        ({"emulation": {"time_scale": 0.8}}, "emulation.time_scale: is 0.8, must be >= 1."),
         ({"emulation": {"straggler_ranks": [-1]}}, "emulation.straggler_ranks[0]: is -1, must be >= 0."),
         ({"emulation": {"straggler_ranks": [2, 2]}},
          "emulation.straggler_ranks: lists a rank twice: [2, 2]. Fix: list each rank once."),
@@ -242,7 +244,9 @@ def test_to_dict_round_trips_through_yaml(tmp_path: Path) -> None:
         profiling=ProfilingConfig(max_clocks=6), emulation=EmulationConfig((2,), 1.3, (5, 9)),
     )
     plain = config.to_dict()
-    assert plain["emulation"] == {"straggler_ranks": [2], "straggler_slowdown": 1.3, "straggler_iterations": [5, 9]}
+    assert plain["emulation"] == {
+        "straggler_ranks": [2], "straggler_slowdown": 1.3, "straggler_iterations": [5, 9], "time_scale": 1.0,
+    }
     path = write(tmp_path, yaml.safe_dump(plain))
     assert PerseusConfig.from_yaml(path) == config
     assert PerseusConfig.from_mapping({"perseus": plain}) == config

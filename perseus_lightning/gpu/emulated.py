@@ -1,11 +1,14 @@
 """An emulated GPU for CPU machines, tests, demos and benchmarks.
 
 It is driven by a :class:`~perseus_lightning.core.gpu_model.GPUModel`. Code marks its GPU work
-with :meth:`EmulatedGPU.computing`: the block's host wall time counts as the work at max clock,
-and the emulator really sleeps the extra time the locked clock (and a straggler's slowdown)
-would add, so a plan that slows a stage makes the CPU run slower too. Energy accrues at the
-model's power while computing and at its blocking power otherwise; :meth:`EmulatedGPU.energy_j`
-reads it like NVML's counter (updated every ``update_period`` seconds, with a little noise).
+with :meth:`EmulatedGPU.computing`: the block's host work (its wall time less the time its
+thread waited for a CPU, see :class:`RunQueueWait`), times ``time_scale``, counts as the work at
+max clock, and the emulator really sleeps until the block has lasted what the locked clock (and a
+straggler's slowdown) make of that work, so a plan that slows a stage makes the CPU run slower too.
+Measuring work rather than wall time keeps other processes' contention for the CPU out of the
+emulated GPU's timing. Energy accrues at the model's power while computing and at its blocking
+power otherwise; :meth:`EmulatedGPU.energy_j` reads it like NVML's counter (updated every
+``update_period`` seconds, with a little noise).
 
 State lives in one JSON file per device, ``<dir>/gpu-<index>.json``, where ``<dir>`` is
 ``$PERSEUS_EMULATED_GPU_DIR`` or ``<tmp>/perseus-emulated-gpus-<uid>``::
@@ -70,6 +73,47 @@ def _update_period_from_env() -> float:
         raise GPUControlError(f"{ENV_UPDATE_PERIOD}={raw!r} is not a number. Fix: give seconds, e.g. 0.1.") from None
 
 
+class RunQueueWait:
+    """This thread's time spent runnable but waiting for a CPU, from Linux's ``/proc/thread-self/schedstat``.
+
+    A block's host work is its wall time less this wait: its CPU time when it computes, its wall
+    time when it sleeps or waits for I/O. Each thread keeps its file open (a read is a ~1 us
+    ``pread``). Without schedstat (not Linux, or a kernel without ``CONFIG_SCHED_INFO``),
+    :meth:`seconds` is 0 and work is wall time.
+    """
+
+    def __init__(self) -> None:
+        self._per_thread = threading.local()
+        self.available = self._file() is not None
+
+    def seconds(self) -> float:
+        """The calling thread's run-queue wait so far (s); 0 without schedstat."""
+        file = self._file()
+        return 0.0 if file is None else file.read_wait()
+
+    def _file(self) -> _Schedstat | None:
+        holder = self._per_thread
+        if not hasattr(holder, "file"):
+            try:
+                holder.file = _Schedstat()
+            except OSError:
+                holder.file = None
+        return holder.file
+
+
+class _Schedstat:
+    """The calling thread's schedstat file, open until this object goes (with its thread's local state)."""
+
+    def __init__(self) -> None:
+        self.fd = os.open("/proc/thread-self/schedstat", os.O_RDONLY)
+
+    def read_wait(self) -> float:
+        return int(os.pread(self.fd, 64, 0).split()[1]) * 1e-9  # fields: on-CPU ns, run-queue wait ns, timeslices
+
+    def __del__(self) -> None:
+        os.close(self.fd)
+
+
 class ComputeBlock(NamedTuple):
     """One :meth:`EmulatedGPU.computing` block: ``time.perf_counter()`` times and the clock it ran at."""
 
@@ -85,8 +129,11 @@ class EmulatedGPU(GPUDevice):
     """A GPU emulated from a :class:`GPUModel`, with its state shared across processes by a file.
 
     ``slowdown`` (>= 1) stretches every compute block further, at the same power, to emulate a
-    thermally throttled straggler. ``update_period`` (seconds; default ``$PERSEUS_EMULATED_GPU_UPDATE_PERIOD``
-    or 0.1) is how often the energy counter advances; each advance's increment is off by a
+    thermally throttled straggler. ``time_scale`` (>= 1) is the emulated GPU's seconds at max
+    clock per second of host work: above 1, the emulated time rather than the host's pace sets
+    each block's duration even when processes share too few cores (the recipes' CPU config
+    uses 1.5). ``update_period`` (seconds; default ``$PERSEUS_EMULATED_GPU_UPDATE_PERIOD`` or
+    0.1) is how often the energy counter advances; each advance's increment is off by a
     relative error drawn from N(0, ``noise``), seeded by ``seed`` (default: the index).
     ``publish_period`` (s) spaces the writes of the counter to the state file.
     ``observe_only=True`` makes :meth:`lock_clock` and :meth:`reset_clock` do nothing, like a GPU
@@ -99,6 +146,7 @@ class EmulatedGPU(GPUDevice):
         model: GPUModel = A100_LIKE,
         *,
         slowdown: float = 1.0,
+        time_scale: float = 1.0,
         update_period: float | None = None,
         noise: float = DEFAULT_NOISE,
         seed: int | None = None,
@@ -111,6 +159,8 @@ class EmulatedGPU(GPUDevice):
             raise ValueError(f"GPU index must be >= 0, got {index}")
         if slowdown < 1.0:
             raise ValueError(f"slowdown must be >= 1 (1 = a healthy GPU), got {slowdown}")
+        if time_scale < 1.0:
+            raise ValueError(f"time_scale must be >= 1 (1 = the host's own pace), got {time_scale}")
         if not period > 0:
             raise GPUControlError(
                 f"the energy counter's update period must be > 0 s, got {period}. Fix: {ENV_UPDATE_PERIOD}=0.1."
@@ -120,6 +170,7 @@ class EmulatedGPU(GPUDevice):
         self.index = index
         self.model = model
         self.slowdown = float(slowdown)
+        self.time_scale = float(time_scale)
         self.update_period = period
         self.noise = float(noise)
         self.name = f"Emulated {model.name}"
@@ -131,6 +182,7 @@ class EmulatedGPU(GPUDevice):
         self._clocks = tuple(sorted(model.frequencies, reverse=True))
         self._rng = np.random.default_rng(index if seed is None else seed)
         self._mutex = threading.Lock()
+        self._run_queue = RunQueueWait()
         self._clock_version: tuple[int, int, int] | None = None  # of the state file whose clock is cached
         self._clock: int | None = None
 
@@ -211,15 +263,17 @@ class EmulatedGPU(GPUDevice):
     def computing(self) -> Iterator[None]:
         """Mark the enclosed block as GPU work at the current clock (the locked one, else max).
 
-        On exit, sleeps the extra time the work takes at its clock and slowdown:
-        ``host_time * (time_factor(clock) * slowdown - 1)``. Power is the model's at that clock
-        from entry until the sleep ends. A clock this instance locks while the block runs takes
-        effect at once: the host time is then split by clock (as a real GPU changes clock
-        mid-kernel), and the block is logged with the clock it spent most of its host time at.
-        Blocks may overlap from several threads.
+        The block's host work is its wall time less its thread's run-queue wait
+        (:class:`RunQueueWait`). On exit, sleeps until the block has lasted its emulated duration,
+        ``work * time_scale * time_factor(clock) * slowdown`` (no sleep when the host took longer).
+        Power is the model's at that clock from entry until the sleep ends. A clock this instance
+        locks while the block runs takes effect at once: the work is then split by clock in
+        proportion to host time (as a real GPU changes clock mid-kernel), and the block is logged
+        with the clock it spent most of its host time at. Blocks may overlap from several threads.
         """
         clock = self.locked_clock() or self.model.max_frequency
         logged_start = time.perf_counter()
+        waited = self._run_queue.seconds()
         start = time.monotonic()
         segments = [(start, clock)]
         with self._mutex:
@@ -232,10 +286,14 @@ class EmulatedGPU(GPUDevice):
             yield
         finally:
             host_end = time.monotonic()
+            waited = self._run_queue.seconds() - waited
             with self._mutex:
                 self._open_blocks.remove(segments)
                 spans = [(b - a, c) for (a, c), (b, _) in zip(segments, [*segments[1:], (host_end, 0)])]
-            extra = sum(span * (self.model.time_factor(c) * self.slowdown - 1.0) for span, c in spans)
+            host = host_end - start
+            work_per_host_s = max(0.0, host - waited) / host if host > 0 else 1.0
+            scale = work_per_host_s * self.time_scale * self.slowdown
+            extra = sum(span * self.model.time_factor(c) for span, c in spans) * scale - host
             if extra > 0:  # sleep(0) would still cost the kernel's timer slack (~50 us)
                 time.sleep(extra)
             with self._mutex:

@@ -46,8 +46,9 @@ class PerseusCallback(Callback):
         max_slowdown: the slowest plan considered, as a multiple of the fastest plan's time.
         profiling: ``{"max_clocks": int | None, "iterations_per_clock": int}``.
         straggler: ``{"threshold": float, "patience": int, "recovery": float}``.
-        emulation: ``{"straggler_ranks": [...], "straggler_slowdown": float, "straggler_iterations": [a, b]}``
-            (emulated GPUs only: throttle those ranks' GPUs).
+        emulation: ``{"time_scale": float, "straggler_ranks": [...], "straggler_slowdown": float,
+            "straggler_iterations": [a, b]}`` (emulated GPUs only: their pace against the host's
+            work, and those ranks' GPUs throttled).
         log_metrics: log ``perseus/*`` metrics through the Trainer's loggers.
 
     See ``docs/configuration.md`` for every option; :meth:`from_config` reads them from YAML.

@@ -90,7 +90,7 @@ class StragglerConfig:
 
 @dataclass(frozen=True)
 class EmulationConfig:
-    """Emulate a straggler by slowing some ranks down, to try the straggler path without a throttled GPU."""
+    """Tune the emulated GPUs: their pace against the host's, and a straggler emulated by slowing some ranks down."""
 
     straggler_ranks: tuple[int, ...] = ()
     """Global ranks that run slower."""
@@ -98,6 +98,8 @@ class EmulationConfig:
     """How many times slower they run (1.0: not at all)."""
     straggler_iterations: tuple[int, int] | None = None
     """``[start, stop)`` training iterations during which they are slow; ``None``: always."""
+    time_scale: float = 1.0
+    """Emulated GPU seconds at max clock per second of host work (>= 1); above 1 keeps CPU contention out of timing."""
 
     def __post_init__(self) -> None:
         ranks = self.straggler_ranks
@@ -111,6 +113,7 @@ class EmulationConfig:
         _set(self, "straggler_ranks", ranks)
         _set(self, "straggler_slowdown",
              _number(self, "straggler_slowdown", self.straggler_slowdown, minimum=1.0, example="1.2"))
+        _set(self, "time_scale", _number(self, "time_scale", self.time_scale, minimum=1.0, example="1.5"))
         if self.straggler_iterations is not None:
             _set(self, "straggler_iterations", self._window(self.straggler_iterations))
 

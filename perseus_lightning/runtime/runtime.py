@@ -270,7 +270,7 @@ class PerseusRuntime:
         if self._failed:
             return
         try:
-            self._apply_emulated_straggler()
+            self._apply_emulation()
             if self._window is None and self.phase in ("baseline", "deploy"):
                 self._window = self._open_window()
             if self._metric_window is None:
@@ -773,9 +773,13 @@ class PerseusRuntime:
         self._setter.request(clock)
         self._setter.flush(timeout=2.0)
 
-    def _apply_emulated_straggler(self) -> None:
+    def _apply_emulation(self) -> None:
+        """Set an emulated GPU's time scale, and its slowdown on a straggler rank (a no-op on real GPUs)."""
         emulation = self.config.emulation
-        if self.collectives.rank not in emulation.straggler_ranks or not hasattr(self.device, "slowdown"):
+        if not hasattr(self.device, "time_scale"):
+            return
+        self.device.time_scale = emulation.time_scale
+        if self.collectives.rank not in emulation.straggler_ranks:
             return
         window = emulation.straggler_iterations
         inside = window is None or window[0] <= self.iteration < window[1]
