@@ -305,3 +305,22 @@ def test_time_scale_stretches_sleeps_too_and_must_be_at_least_one() -> None:
     assert 0.08 * 0.98 <= gpu(time_scale=2.0).compute_window(0.04) <= 0.08 + 0.05
     with pytest.raises(ValueError, match="time_scale"):
         gpu(time_scale=0.9)
+
+
+def test_a_forked_child_reads_its_own_run_queue_wait() -> None:
+    waits = RunQueueWait()
+    if not waits.available or not hasattr(os, "fork"):
+        pytest.skip("needs Linux's /proc/thread-self/schedstat and fork")
+
+    def reads() -> str:  # the file the calling thread's reads come from: /proc/<pid>/task/<tid>/schedstat
+        waits.seconds()
+        return os.readlink(f"/proc/self/fd/{waits._file().fd}")
+
+    assert reads().startswith(f"/proc/{os.getpid()}/task/")
+    reader, writer = os.pipe()
+    child = os.fork()
+    if child == 0:
+        os.write(writer, reads().encode())
+        os._exit(0)
+    os.waitpid(child, 0)
+    assert os.read(reader, 200).decode().startswith(f"/proc/{child}/task/")

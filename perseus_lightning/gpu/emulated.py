@@ -93,11 +93,12 @@ class RunQueueWait:
 
     def _file(self) -> _Schedstat | None:
         holder = self._per_thread
-        if not hasattr(holder, "file"):
+        if getattr(holder, "pid", None) != os.getpid():  # new thread, or a forked child: its parent's file is not its own
             try:
                 holder.file = _Schedstat()
             except OSError:
                 holder.file = None
+            holder.pid = os.getpid()
         return holder.file
 
 
