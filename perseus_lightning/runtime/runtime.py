@@ -229,6 +229,8 @@ class PerseusRuntime:
 
             if self.device is None:
                 self.device = open_device(self.config.gpu_backend, index=self.device_index)
+            if hasattr(self.device, "time_scale"):  # an emulated GPU: its pace against the host's work
+                self.device.time_scale = self.config.emulation.time_scale
             if self.config.mode == "apply" and self.device.observe_only:
                 self._warn(
                     f"GPU {self.device.index} ({self.device.name}) does not allow clock changes: Perseus only measures "
@@ -270,7 +272,7 @@ class PerseusRuntime:
         if self._failed:
             return
         try:
-            self._apply_emulation()
+            self._apply_emulated_straggler()
             if self._window is None and self.phase in ("baseline", "deploy"):
                 self._window = self._open_window()
             if self._metric_window is None:
@@ -773,13 +775,9 @@ class PerseusRuntime:
         self._setter.request(clock)
         self._setter.flush(timeout=2.0)
 
-    def _apply_emulation(self) -> None:
-        """Set an emulated GPU's time scale, and its slowdown on a straggler rank (a no-op on real GPUs)."""
+    def _apply_emulated_straggler(self) -> None:
         emulation = self.config.emulation
-        if not hasattr(self.device, "time_scale"):
-            return
-        self.device.time_scale = emulation.time_scale
-        if self.collectives.rank not in emulation.straggler_ranks:
+        if self.collectives.rank not in emulation.straggler_ranks or not hasattr(self.device, "slowdown"):
             return
         window = emulation.straggler_iterations
         inside = window is None or window[0] <= self.iteration < window[1]
