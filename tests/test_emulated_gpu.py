@@ -313,6 +313,27 @@ def test_time_scale_stretches_sleeps_too_and_must_be_at_least_one() -> None:
         gpu(time_scale=0.9)
 
 
+def timed_block(dev: EmulatedGPU, host_seconds: float, kernel: object = None) -> float:
+    start = time.monotonic()
+    with dev.computing(kernel):
+        time.sleep(host_seconds)
+    return time.monotonic() - start
+
+
+def test_a_named_kernel_runs_the_median_work_of_its_first_blocks() -> None:
+    dev = gpu(kernel_samples=3)
+    calibrating = [timed_block(dev, s, "stage0/forward") for s in (0.02, 0.04, 0.03)]
+    assert calibrating == pytest.approx([0.02, 0.04, 0.03], abs=0.006)  # each block's own work, until 3 have run
+    assert timed_block(dev, 0.005, "stage0/forward") == pytest.approx(0.03, abs=0.006)  # now the median: 30 ms
+    dev.lock_clock(1005)
+    assert timed_block(dev, 0.005, "stage0/forward") == pytest.approx(0.03 * A100_LIKE.time_factor(1005), abs=0.006)
+    assert timed_block(dev, 0.08, "stage0/forward") == pytest.approx(0.08, abs=0.006)  # never shorter than the host took
+    assert timed_block(dev, 0.005, "stage1/forward") == pytest.approx(0.005 * A100_LIKE.time_factor(1005), abs=0.004)
+    assert timed_block(dev, 0.005) == pytest.approx(0.005 * A100_LIKE.time_factor(1005), abs=0.004)  # unnamed: its own
+    with pytest.raises(ValueError, match="kernel_samples"):
+        gpu(kernel_samples=0)
+
+
 def test_a_forked_child_reads_its_own_run_queue_wait() -> None:
     waits = RunQueueWait()
     if not waits.available or not hasattr(os, "fork"):

@@ -136,6 +136,22 @@ def test_the_configured_time_scale_paces_the_emulated_gpu(tmp_path) -> None:
     assert backwards[-1] <= 2 * HOST_SECONDS[BACKWARD] + 0.02
 
 
+def test_each_stage_and_kind_is_one_emulated_kernel(tmp_path) -> None:
+    gpu = make_gpu(tmp_path, kernel_samples=MICROBATCHES)
+    runtime = PerseusRuntime(make_config(tmp_path, mode="observe"), device=gpu)
+    runtime.start()
+    run(runtime, 1)  # sets each kind's work: the host sleeps 3 ms per forward, 6 ms per backward
+    runtime.iteration_begin()
+    for kind in (FORWARD, BACKWARD):  # now without host work: the emulated GPU still runs each kernel's
+        runtime.instruction_begin(Instruction(0, kind, 0))
+        runtime.instruction_end(Instruction(0, kind, 0))
+    runtime.iteration_end()
+    runtime.close()
+    forward, backward = [block.end - block.start for block in list(gpu.compute_log)[-2:]]
+    assert forward == pytest.approx(HOST_SECONDS[FORWARD], abs=0.002)
+    assert backward == pytest.approx(HOST_SECONDS[BACKWARD], abs=0.002)
+
+
 def test_off_mode_opens_nothing(tmp_path) -> None:
     runtime = PerseusRuntime(make_config(tmp_path, mode="off"))
     runtime.start()

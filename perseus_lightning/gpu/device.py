@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Hashable
 from contextlib import AbstractContextManager, nullcontext
 
 
@@ -67,7 +68,8 @@ class GPUDevice(ABC):
     def power_w(self) -> float:
         """Current power draw in watts."""
 
-    def computing(self) -> AbstractContextManager[None]:
-        """Mark the enclosed block as GPU work. A real GPU knows when it works, so this does
-        nothing; the emulated GPU uses it to stretch time and draw power."""
+    def computing(self, kernel: Hashable | None = None) -> AbstractContextManager[None]:
+        """Mark the enclosed block as GPU work; ``kernel`` names the work it runs (blocks with the
+        same name run the same work). A real GPU knows when it works, so this does nothing; the
+        emulated GPU uses it to stretch time and draw power."""
         return nullcontext()

@@ -6,9 +6,12 @@ thread waited for a CPU, see :class:`RunQueueWait`), times ``time_scale``, count
 max clock, and the emulator really sleeps until the block has lasted what the locked clock (and a
 straggler's slowdown) make of that work, so a plan that slows a stage makes the CPU run slower too.
 Measuring work rather than wall time keeps other processes' contention for the CPU out of the
-emulated GPU's timing. Energy accrues at the model's power while computing and at its blocking
-power otherwise; :meth:`EmulatedGPU.energy_j` reads it like NVML's counter (updated every
-``update_period`` seconds, with a little noise).
+emulated GPU's timing. Blocks that name a ``kernel`` (the runtime names each instruction's stage
+and kind) run a fixed amount of work, as a GPU kernel does: once ``kernel_samples`` blocks of that
+kernel have run, its work is the median of theirs, so the host's own pace (which swings by ±15 %
+on a shared VM) no longer moves the emulated GPU's timing. Energy accrues at the model's power
+while computing and at its blocking power otherwise; :meth:`EmulatedGPU.energy_j` reads it like
+NVML's counter (updated every ``update_period`` seconds, with a little noise).
 
 State lives in one JSON file per device, ``<dir>/gpu-<index>.json``, where ``<dir>`` is
 ``$PERSEUS_EMULATED_GPU_DIR`` or ``<tmp>/perseus-emulated-gpus-<uid>``::
@@ -37,7 +40,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Hashable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,6 +56,8 @@ DEFAULT_UPDATE_PERIOD = 0.1
 DEFAULT_NOISE = 0.005
 PUBLISH_PERIOD = 0.5
 """Seconds between the computing instance's writes of its counter to the state file (others follow it)."""
+KERNEL_SAMPLES = 16
+"""Blocks of one kernel whose median host work becomes that kernel's fixed work."""
 STATE_FORMAT = "perseus-emulated-gpu"
 STATE_VERSION = 1
 
@@ -137,6 +142,7 @@ class EmulatedGPU(GPUDevice):
     0.1) is how often the energy counter advances; each advance's increment is off by a
     relative error drawn from N(0, ``noise``), seeded by ``seed`` (default: the index).
     ``publish_period`` (s) spaces the writes of the counter to the state file.
+    ``kernel_samples`` is how many blocks of a named kernel set its fixed work (see :meth:`computing`).
     ``observe_only=True`` makes :meth:`lock_clock` and :meth:`reset_clock` do nothing, like a GPU
     without clock permissions. ``state_dir`` overrides :func:`emulated_gpu_dir`.
     """
@@ -154,6 +160,7 @@ class EmulatedGPU(GPUDevice):
         state_dir: str | Path | None = None,
         observe_only: bool = False,
         publish_period: float = PUBLISH_PERIOD,
+        kernel_samples: int = KERNEL_SAMPLES,
     ) -> None:
         period = _update_period_from_env() if update_period is None else float(update_period)
         if index < 0:
@@ -168,6 +175,8 @@ class EmulatedGPU(GPUDevice):
             )
         if noise < 0:
             raise ValueError(f"noise must be >= 0, got {noise}")
+        if kernel_samples < 1:
+            raise ValueError(f"kernel_samples must be >= 1, got {kernel_samples}")
         self.index = index
         self.model = model
         self.slowdown = float(slowdown)
@@ -184,6 +193,8 @@ class EmulatedGPU(GPUDevice):
         self._rng = np.random.default_rng(index if seed is None else seed)
         self._mutex = threading.Lock()
         self._run_queue = RunQueueWait()
+        self.kernel_samples = int(kernel_samples)
+        self._kernel_work: dict[Hashable, float | list[float]] = {}  # fixed work (s), or the samples so far
         self._clock_version: tuple[int, int, int] | None = None  # of the state file whose clock is cached
         self._clock: int | None = None
 
@@ -261,11 +272,13 @@ class EmulatedGPU(GPUDevice):
 
     # --------------------------------------------------------------- compute
     @contextmanager
-    def computing(self) -> Iterator[None]:
+    def computing(self, kernel: Hashable | None = None) -> Iterator[None]:
         """Mark the enclosed block as GPU work at the current clock (the locked one, else max).
 
         The block's host work is its wall time less its thread's run-queue wait
-        (:class:`RunQueueWait`). On exit, sleeps until the block has lasted its emulated duration,
+        (:class:`RunQueueWait`). With a ``kernel`` key, the work is that kernel's fixed work instead,
+        once ``kernel_samples`` of its blocks have run: the median of their host work. On exit,
+        sleeps until the block has lasted its emulated duration,
         ``work * time_scale * time_factor(clock) * slowdown`` (no sleep when the host took longer).
         Power is the model's at that clock from entry until the sleep ends. A clock this instance
         locks while the block runs takes effect at once: the work is then split by clock in
@@ -287,14 +300,14 @@ class EmulatedGPU(GPUDevice):
             yield
         finally:
             host_end = time.monotonic()
-            waited = self._run_queue.seconds() - waited
+            host = host_end - start
+            work = max(0.0, host - (self._run_queue.seconds() - waited))
             with self._mutex:
                 self._open_blocks.remove(segments)
                 spans = [(b - a, c) for (a, c), (b, _) in zip(segments, [*segments[1:], (host_end, 0)])]
-            host = host_end - start
-            work_per_host_s = max(0.0, host - waited) / host if host > 0 else 1.0
-            scale = work_per_host_s * self.time_scale * self.slowdown
-            extra = sum(span * self.model.time_factor(c) for span, c in spans) * scale - host
+                work = self._fixed_work(kernel, work)
+            factor = sum(span * self.model.time_factor(c) for span, c in spans) / host if host > 0 else self.model.time_factor(clock)
+            extra = work * self.time_scale * factor * self.slowdown - host
             if extra > 0:  # sleep(0) would still cost the kernel's timer slack (~50 us)
                 time.sleep(extra)
             with self._mutex:
@@ -304,6 +317,18 @@ class EmulatedGPU(GPUDevice):
                     self._power = self.model.blocking_power
             dominant = max(spans, key=lambda span: span[0])[1]
             self.compute_log.append(ComputeBlock(logged_start, time.perf_counter(), dominant))
+
+    def _fixed_work(self, kernel: Hashable | None, work: float) -> float:
+        """``kernel``'s fixed work once calibrated, else ``work`` (recorded as a sample; mutex held)."""
+        if kernel is None:
+            return work
+        known = self._kernel_work.setdefault(kernel, [])
+        if isinstance(known, float):
+            return known
+        known.append(work)
+        if len(known) >= self.kernel_samples:
+            self._kernel_work[kernel] = float(np.median(known))
+        return work
 
     def compute_window(self, host_seconds: float) -> float:
         """Emulate work that takes ``host_seconds`` at max clock; returns its emulated duration (s)."""

@@ -289,7 +289,7 @@ class PerseusRuntime:
                 clock = self._planned.get(instruction)
                 if clock is not None and self._setter is not None:
                     self._setter.request(clock)
-            self._computing = self.device.computing() if self.device is not None else None
+            self._computing = self.device.computing((instruction.stage, instruction.kind)) if self.device is not None else None
             if self._computing is not None:
                 self._computing.__enter__()
             self._instruction_start = time.perf_counter()
