@@ -147,8 +147,8 @@ def print_report(summary: dict[str, Any]) -> None:
     if summary.get("planned_saving_pct") is not None:
         energy.add_row("change (model)", "+0.0 %", f"{-summary['planned_saving_pct']:+.1f} %")
     if baseline and deployed and os.environ.get(BACKEND_ENV) == "emulated":
-        energy.caption = ("Emulated GPUs: measured times include the training's CPU work on shared cores and "
-                          "swing by 10 % or more from run to run; the model's change is the plan's on the profiled GPU.")
+        energy.caption = ("Emulated GPUs: measured times include the training's CPU work between instructions on shared "
+                          "cores and move by a few % from run to run; the model's change is the plan's on the profiled GPU.")
     console.print(energy)
 
     episodes = summary.get("straggler_episodes", [])
