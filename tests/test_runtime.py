@@ -140,7 +140,7 @@ def test_each_stage_and_kind_is_one_emulated_kernel(tmp_path) -> None:
     gpu = make_gpu(tmp_path, kernel_samples=MICROBATCHES)
     runtime = PerseusRuntime(make_config(tmp_path, mode="observe"), device=gpu)
     runtime.start()
-    run(runtime, 1)  # sets each kind's work: the host sleeps 3 ms per forward, 6 ms per backward
+    run(runtime, 2)  # sets each kind's work: the host sleeps 3 ms per forward, 6 ms per backward
     runtime.iteration_begin()
     for kind in (FORWARD, BACKWARD):  # now without host work: the emulated GPU still runs each kernel's
         runtime.instruction_begin(Instruction(0, kind, 0))

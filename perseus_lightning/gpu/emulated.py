@@ -7,9 +7,10 @@ max clock, and the emulator really sleeps until the block has lasted what the lo
 straggler's slowdown) make of that work, so a plan that slows a stage makes the CPU run slower too.
 Measuring work rather than wall time keeps other processes' contention for the CPU out of the
 emulated GPU's timing. Blocks that name a ``kernel`` (the runtime names each instruction's stage
-and kind) run a fixed amount of work, as a GPU kernel does: once ``kernel_samples`` blocks of that
-kernel have run, its work is the median of theirs, so the host's own pace (which swings by ±15 %
-on a shared VM) no longer moves the emulated GPU's timing. Energy accrues at the model's power
+and kind) run a fixed amount of work, as a GPU kernel does: once ``2 * kernel_samples`` blocks of
+that kernel have run, its work is the median of the last ``kernel_samples`` of them (the first are
+a fresh process's warm-up), so the host's own pace (which swings by ±15 % on a shared VM) no longer
+moves the emulated GPU's timing. Energy accrues at the model's power
 while computing and at its blocking power otherwise; :meth:`EmulatedGPU.energy_j` reads it like
 NVML's counter (updated every ``update_period`` seconds, with a little noise).
 
@@ -57,7 +58,7 @@ DEFAULT_NOISE = 0.005
 PUBLISH_PERIOD = 0.5
 """Seconds between the computing instance's writes of its counter to the state file (others follow it)."""
 KERNEL_SAMPLES = 16
-"""Blocks of one kernel whose median host work becomes that kernel's fixed work."""
+"""A kernel's work is fixed at the median host work of its blocks ``KERNEL_SAMPLES + 1`` to ``2 * KERNEL_SAMPLES``."""
 STATE_FORMAT = "perseus-emulated-gpu"
 STATE_VERSION = 1
 
@@ -142,7 +143,8 @@ class EmulatedGPU(GPUDevice):
     0.1) is how often the energy counter advances; each advance's increment is off by a
     relative error drawn from N(0, ``noise``), seeded by ``seed`` (default: the index).
     ``publish_period`` (s) spaces the writes of the counter to the state file.
-    ``kernel_samples`` is how many blocks of a named kernel set its fixed work (see :meth:`computing`).
+    ``kernel_samples`` is how many blocks of a named kernel are left out, then set its fixed work
+    (see :meth:`computing`).
     ``observe_only=True`` makes :meth:`lock_clock` and :meth:`reset_clock` do nothing, like a GPU
     without clock permissions. ``state_dir`` overrides :func:`emulated_gpu_dir`.
     """
@@ -277,8 +279,8 @@ class EmulatedGPU(GPUDevice):
 
         The block's host work is its wall time less its thread's run-queue wait
         (:class:`RunQueueWait`). With a ``kernel`` key, the work is that kernel's fixed work instead,
-        once ``kernel_samples`` of its blocks have run: the median of their host work. On exit,
-        sleeps until the block has lasted its emulated duration,
+        once ``2 * kernel_samples`` of its blocks have run: the median host work of the last
+        ``kernel_samples`` of them. On exit, sleeps until the block has lasted its emulated duration,
         ``work * time_scale * time_factor(clock) * slowdown`` (no sleep when the host took longer).
         Power is the model's at that clock from entry until the sleep ends. A clock this instance
         locks while the block runs takes effect at once: the work is then split by clock in
@@ -326,8 +328,8 @@ class EmulatedGPU(GPUDevice):
         if isinstance(known, float):
             return known
         known.append(work)
-        if len(known) >= self.kernel_samples:
-            self._kernel_work[kernel] = float(np.median(known))
+        if len(known) >= 2 * self.kernel_samples:
+            self._kernel_work[kernel] = float(np.median(known[self.kernel_samples:]))
         return work
 
     def compute_window(self, host_seconds: float) -> float:
