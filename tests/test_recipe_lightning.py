@@ -73,17 +73,19 @@ def test_report_shows_a_perseus_summary(capsys: pytest.CaptureFixture[str], monk
                  "frequencies": [[["forward", 0, 1410], ["forward", 1, 1200], ["backward", 0, 900]], [["forward", 0, 1410]]]},
         "straggler_episodes": [{"start_iteration": 60, "end_iteration": 80, "pipeline": 1, "slowdown": 1.2,
                                 "peak_slowdown": 1.5, "iteration_time_s": 0.3, "energy_j": 200.0, "predicted_saving_pct": 14.0}],
-        "recipe": {"loss": [9.0, 8.0], "median_iteration_time_s": 0.21},
+        "recipe": {"loss": [9.0, 8.0], "median_iteration_time_s": 0.21, "args": {"dp": 2}},
     }
     gpt_cli.print_report(summary)
     out = capsys.readouterr().out
     for expected in ("204.0 ms", "120.0 J", "+2.0 %", "-20.0 %", "-21.5 %", "35", "900 / 1170 / 1410 MHz", "9.0000 -> 8.0000",
-                     "60-80", "up to 1.50x", "300.0 ms / 200.0 J", "14.0 %"):
+                     "60-80", "up to 1.50x", "300.0 ms / 200.0 J", "14.0 %",
+                     "236.0 J"):  # the plan's energy on both pipelines' GPUs
         assert expected in out
+    assert "leaves out the host's work between instructions" in " ".join(out.split())  # the caption, wrapped
     assert "Emulated GPUs" not in out  # measured on a real GPU: no caveat
     monkeypatch.setenv(gpt_cli.BACKEND_ENV, "emulated")
     gpt_cli.print_report(summary)
-    assert "Emulated GPUs: measured times include" in capsys.readouterr().out
+    assert "Emulated GPUs: that work runs on shared CPU cores" in " ".join(capsys.readouterr().out.split())
 
 
 def _run_recipe(summary: Path, *args: str) -> dict[str, Any]:
