@@ -131,6 +131,8 @@ class EnergyAttribution:
     labels: dict[Hashable, LabelEnergy]
     idle_power_w: float
     """``nan`` when the recorded instructions left no idle time."""
+    idle_power_stderr_w: float
+    """Standard error of ``idle_power_w`` from the regression residuals (``inf`` when undetermined)."""
     counter_intervals: int
     """Intervals between counter updates that the regression used."""
     residual_rms_j: float
@@ -282,6 +284,7 @@ def attribute_energy(
             for i, label in enumerate(labels)
         },
         idle_power_w=float(powers[-1]),
+        idle_power_stderr_w=float(stderr[-1]),
         counter_intervals=len(energy),
         residual_rms_j=float(residual_norm / np.sqrt(len(energy))),
     )
