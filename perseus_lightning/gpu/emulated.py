@@ -10,9 +10,9 @@ emulated GPU's timing. Blocks that name a ``kernel`` (the runtime names each ins
 and kind) run a fixed amount of work, as a GPU kernel does: once ``2 * kernel_samples`` blocks of
 that kernel have run, its work is the median of the last ``kernel_samples`` of them (the first are
 a fresh process's warm-up), so the host's own pace (which swings by ±15 % on a shared VM) no longer
-moves the emulated GPU's timing. Energy accrues at the model's power
-while computing and at its blocking power otherwise; :meth:`EmulatedGPU.energy_j` reads it like
-NVML's counter (updated every ``update_period`` seconds, with a little noise).
+moves the emulated GPU's timing. Energy accrues at the model's power while computing and at its
+blocking power otherwise; :meth:`EmulatedGPU.energy_j` reads it like NVML's counter (updated every
+``update_period`` seconds, with a little noise).
 
 State lives in one JSON file per device, ``<dir>/gpu-<index>.json``, where ``<dir>`` is
 ``$PERSEUS_EMULATED_GPU_DIR`` or ``<tmp>/perseus-emulated-gpus-<uid>``::
@@ -196,7 +196,8 @@ class EmulatedGPU(GPUDevice):
         self._mutex = threading.Lock()
         self._run_queue = RunQueueWait()
         self.kernel_samples = int(kernel_samples)
-        self._kernel_work: dict[Hashable, float | list[float]] = {}  # fixed work (s), or the samples so far
+        self._kernel_work: dict[Hashable, float] = {}  # each calibrated kernel's fixed work (s)
+        self._kernel_samples: dict[Hashable, list[float]] = {}  # the host work of each other kernel's blocks so far
         self._clock_version: tuple[int, int, int] | None = None  # of the state file whose clock is cached
         self._clock: int | None = None
 
@@ -308,7 +309,9 @@ class EmulatedGPU(GPUDevice):
                 self._open_blocks.remove(segments)
                 spans = [(b - a, c) for (a, c), (b, _) in zip(segments, [*segments[1:], (host_end, 0)])]
                 work = self._fixed_work(kernel, work)
-            factor = sum(span * self.model.time_factor(c) for span, c in spans) / host if host > 0 else self.model.time_factor(clock)
+            factor = (
+                sum(span * self.model.time_factor(c) for span, c in spans) / host if host > 0 else self.model.time_factor(clock)
+            )
             extra = work * self.time_scale * factor * self.slowdown - host
             if extra > 0:  # sleep(0) would still cost the kernel's timer slack (~50 us)
                 time.sleep(extra)
@@ -324,12 +327,13 @@ class EmulatedGPU(GPUDevice):
         """``kernel``'s fixed work once calibrated, else ``work`` (recorded as a sample; mutex held)."""
         if kernel is None:
             return work
-        known = self._kernel_work.setdefault(kernel, [])
-        if isinstance(known, float):
-            return known
-        known.append(work)
-        if len(known) >= 2 * self.kernel_samples:
-            self._kernel_work[kernel] = float(np.median(known[self.kernel_samples:]))
+        if kernel in self._kernel_work:
+            return self._kernel_work[kernel]
+        samples = self._kernel_samples.setdefault(kernel, [])
+        samples.append(work)
+        if len(samples) == 2 * self.kernel_samples:
+            self._kernel_work[kernel] = float(np.median(samples[self.kernel_samples:]))
+            del self._kernel_samples[kernel]
         return work
 
     def compute_window(self, host_seconds: float) -> float:
