@@ -235,10 +235,13 @@ def test_a_straggler_pipeline_slows_the_other_and_recovery_restores_it(tmp_path)
 
 @pytest.mark.distributed
 def test_ddp_ranks_slow_down_to_a_straggling_rank(tmp_path) -> None:
+    # Emulated GPUs at time_scale 2, as in recipes/perseus-cpu.yaml: at 1, a block at max clock lasts as long
+    # as the contended host took, a slowed one does not, so rank 0's paced plan read up to 1.4x slow and hid
+    # the straggler (with a busy loop beside it: no episode at all; at 2, 4 runs of 4 found it, at 1.79x or more).
     callback = {
         "cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 4, "deploy_iterations": 4,
         "profiling": FAST_PROFILING, "straggler": {"threshold": 0.4, "patience": 3, "recovery": 0.25},
-        "emulation": {"straggler_ranks": [1], "straggler_slowdown": 2.0, "straggler_iterations": [32, 47]},
+        "emulation": {"straggler_ranks": [1], "straggler_slowdown": 2.0, "straggler_iterations": [32, 47], "time_scale": 2.0},
     }
     ranks = run_worker(tmp_path, processes=2, pp=0, steps=67, callback=callback, worker=DDP_WORKER)
     episodes = ranks[0]["summary"]["straggler_episodes"]
