@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import signal
@@ -59,6 +60,19 @@ class DyingRounder(Rounder):
         if os.getpid() != self.parent:
             os._exit(1)
         return super().round(job)
+
+
+def test_plans_just_above_the_bound_get_neighbourhood_search_and_only_get_cheaper() -> None:
+    # Told that the LP bound is 1 % below its plan, a deadline gets relax-and-fix's improvement passes
+    # only; told 0.25 % (within SEARCH_BELOW), neighbourhood search too, which gains on this noisy profile.
+    round_with = rounder()
+    assert rounding.REFIX_ABOVE < 0.0025 <= rounding.SEARCH_BELOW < 0.01
+    for job in jobs(round_with):
+        plain = round_with.energy(round_with.round(dataclasses.replace(job, lower_bound=None)))
+        far = round_with.round(dataclasses.replace(job, lower_bound=plain / 1.01))
+        near = round_with.round(dataclasses.replace(job, lower_bound=round_with.energy(far) / 1.0025))
+        assert iteration_time(DAG, round_with.options, near) <= job.deadline * (1 + 1e-9)
+        assert round_with.energy(near) < round_with.energy(far) * (1 - 1e-6)
 
 
 def test_workers_round_in_other_processes_and_keep_the_jobs_order() -> None:

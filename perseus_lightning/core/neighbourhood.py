@@ -1,0 +1,144 @@
+"""Neighbourhood search: windows of consecutive instructions re-pick their clocks together.
+
+Relax-and-fix and its improvement passes choose only between the two hull vertices around the
+LP's durations, and slack reclamation moves one instruction at a time. A plan a little above the
+LP bound often needs a few neighbouring instructions moved at once: one a clock faster, two others
+a clock slower. :func:`search_neighbourhood` takes windows of ``window`` consecutive instructions
+in the order of the plan's start times; each member may take any clock option within ``reach`` of
+its own, every other instruction keeps its option, and a small MILP (HiGHS) picks the cheapest mix
+that still lets every path end by the deadline. A window's pick replaces its options only if the
+iteration gets cheaper, so a pass never costs more and always meets the deadline.
+
+Members are consecutive in a topological order, so every path between two of them stays inside
+the window: the instructions before it bound the members' starts by their earliest finishes, and
+those after it bound the members' finishes by their latest starts, both exact while the window's
+MILP runs.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.highs_model import load_model
+from perseus_lightning.core.options import ClockOptions
+from perseus_lightning.core.simulator import earliest_schedule, latest_starts
+from perseus_lightning.core.slack import option_durations
+
+WINDOW = 16
+"""Instructions per window's MILP."""
+REACH = 1
+"""How many clock options away from its own each member may move, either way."""
+MAX_NODES = 200
+"""Branch-and-bound nodes per window's MILP (deterministic, unlike a time limit)."""
+CHEAPER = 1e-9
+"""Relative energy difference that counts as a cheaper plan."""
+
+
+def search_neighbourhood(
+    dag: InstructionDAG,
+    options: list[ClockOptions],
+    choice: np.ndarray,
+    deadline: float,
+    idle_power: float,
+    window: int = WINDOW,
+    reach: int = REACH,
+    offset: int = 0,
+) -> np.ndarray:
+    """One pass of windows over ``choice`` (option indices that finish by ``deadline``), the first
+    window ``offset`` long if not 0. Returns option indices that finish by ``deadline`` and cost no
+    more, counting ``idle_power`` over the iteration as :class:`~perseus_lightning.core.rounding.Rounder` does."""
+    choice = choice.copy()
+    durations = option_durations(options, choice)
+    start, end = earliest_schedule(dag, durations)
+    energy = _energy(options, choice, idle_power, end)
+    rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)
+    rank_in_topology[dag.topological_order] = np.arange(dag.num_nodes)
+    order = np.lexsort((rank_in_topology, start)).tolist()
+    latest = latest_starts(dag, durations, deadline)
+    firsts = [0, *range(offset, len(order), window)] if offset else list(range(0, len(order), window))
+    for first, stop in zip(firsts, [*firsts[1:], len(order)]):
+        members = order[first:stop]
+        picked = _best_mix(dag, options, members, choice, end, latest, deadline, reach)
+        if picked is None or np.array_equal(picked, choice[members]):
+            continue
+        trial = choice.copy()
+        trial[members] = picked
+        trial_durations = option_durations(options, trial)
+        _, trial_end = earliest_schedule(dag, trial_durations)
+        trial_energy = _energy(options, trial, idle_power, trial_end)
+        if trial_end.max() <= deadline * (1 + CHEAPER) and trial_energy < energy * (1 - CHEAPER):
+            choice, end, energy = trial, trial_end, trial_energy
+            latest = latest_starts(dag, trial_durations, deadline)
+    return choice
+
+
+def _energy(options: list[ClockOptions], choice: np.ndarray, idle_power: float, end: np.ndarray) -> float:
+    return sum(opt.cost_list[k] for opt, k in zip(options, choice.tolist())) + idle_power * float(end.max())
+
+
+def _best_mix(
+    dag: InstructionDAG,
+    options: list[ClockOptions],
+    members: list[int],
+    choice: np.ndarray,
+    end: np.ndarray,
+    latest: np.ndarray,
+    deadline: float,
+    reach: int,
+) -> np.ndarray | None:
+    """The cheapest options of ``members`` within ``reach`` of ``choice``, every other node fixed;
+    ``None`` if HiGHS finds no feasible mix (the current one always is, up to its tolerances)."""
+    import highspy
+
+    column = {node: k for k, node in enumerate(members)}
+    candidates, first_binary = [], [len(members)]
+    for node in members:
+        own, count = int(choice[node]), len(options[node].time)
+        candidates.append(list(range(max(own - reach, 0), min(own + reach, count - 1) + 1)))
+        first_binary.append(first_binary[-1] + len(candidates[-1]))
+    rows: list[list[int]] = [[], [], []]  # row, column, value
+    lower: list[float] = []
+    upper: list[float] = []
+
+    def add_row(terms: list[tuple[int, float]], low: float, high: float) -> None:
+        for col, value in terms:
+            rows[0].append(len(upper))
+            rows[1].append(col)
+            rows[2].append(value)
+        lower.append(low)
+        upper.append(high)
+
+    inf = highspy.kHighsInf
+    earliest = []
+    for k, node in enumerate(members):
+        picks = [(first_binary[k] + j, float(options[node].time[c])) for j, c in enumerate(candidates[k])]
+        add_row([(first_binary[k] + j, 1.0) for j in range(len(picks))], 1.0, 1.0)  # one option each
+        earliest.append(max((float(end[p]) for p in dag.predecessors[node] if p not in column), default=0.0))
+        outside = [float(latest[s]) for s in dag.successors[node] if s not in column]
+        due = min(outside, default=deadline) if outside or not dag.successors[node] else None
+        if due is not None:
+            add_row([(k, 1.0), *picks], -inf, due)
+        for succ in dag.successors[node]:
+            if succ in column:
+                add_row([(k, 1.0), (column[succ], -1.0), *picks], -inf, 0.0)
+    cost = [float(options[node].cost[c]) for node, cs in zip(members, candidates) for c in cs]
+    lp = highspy.HighsLp()
+    lp.num_col_, lp.num_row_ = first_binary[-1], len(upper)
+    lp.col_cost_ = np.concatenate([np.zeros(len(members)), cost])
+    lp.col_lower_ = np.concatenate([earliest, np.zeros(len(cost))])
+    lp.col_upper_ = np.concatenate([np.full(len(members), inf), np.ones(len(cost))])
+    lp.row_lower_, lp.row_upper_ = np.array(lower), np.array(upper)
+    lp.integrality_ = [highspy.HighsVarType.kContinuous] * len(members) + [highspy.HighsVarType.kInteger] * len(cost)
+    solver = load_model(lp, [np.array(rows[0])], [np.array(rows[1])], [np.array(rows[2])])
+    for option, value in (
+        ("mip_rel_gap", 1e-6), ("mip_max_nodes", MAX_NODES),
+        ("mip_feasibility_tolerance", 1e-10), ("primal_feasibility_tolerance", 1e-10),
+        ("mip_heuristic_run_feasibility_jump", False),
+    ):
+        solver.setOptionValue(option, value)
+    solver.run()
+    if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
+        return None
+    values = np.asarray(solver.getSolution().col_value)
+    return np.array([cs[int(np.argmax(values[first_binary[k] : first_binary[k + 1]]))] for k, cs in enumerate(candidates)])
