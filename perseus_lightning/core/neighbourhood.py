@@ -23,7 +23,7 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.highs_model import load_model
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
-from perseus_lightning.core.slack import option_durations
+from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations
 
 WINDOW = 16
 """Instructions per window's MILP."""
@@ -67,7 +67,7 @@ def search_neighbourhood(
         trial_durations = option_durations(options, trial)
         _, trial_end = earliest_schedule(dag, trial_durations)
         trial_energy = _energy(options, trial, idle_power, trial_end)
-        if trial_end.max() <= deadline * (1 + CHEAPER) and trial_energy < energy * (1 - CHEAPER):
+        if trial_end.max() <= deadline * (1 + DEADLINE_TOLERANCE) and trial_energy < energy * (1 - CHEAPER):
             choice, end, energy = trial, trial_end, trial_energy
             latest = latest_starts(dag, trial_durations, deadline)
     return choice
