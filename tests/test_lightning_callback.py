@@ -213,10 +213,12 @@ def is_open_at(episode: dict, iteration: int) -> bool:
 
 @pytest.mark.distributed
 def test_a_straggler_pipeline_slows_the_other_and_recovery_restores_it(tmp_path) -> None:
+    # time_scale 2 as in the DDP test below: 4 processes on 2 cores each compute at most half of the time.
+    # At 1, with a busy loop beside it, 1 run of 2 read the 3x throttling as 1.0-1.5x and found it too late.
     callback = {
         "cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 3, "deploy_iterations": 4,
         "profiling": FAST_PROFILING, "straggler": {"threshold": 0.4, "patience": 3, "recovery": 0.25},
-        "emulation": {"straggler_ranks": [2, 3], "straggler_slowdown": 3.0, "straggler_iterations": [30, 50]},
+        "emulation": {"straggler_ranks": [2, 3], "straggler_slowdown": 3.0, "straggler_iterations": [30, 50], "time_scale": 2.0},
     }
     ranks = run_worker(tmp_path, processes=4, pp=2, steps=70, callback=callback, timeout=400)
     summary = ranks[0]["summary"]
