@@ -181,8 +181,10 @@ def run_worker(tmp_path: Path, processes: int, pp: int, steps: int, callback: di
 
 @pytest.mark.distributed
 def test_two_stage_pipeline_saves_energy_at_baseline_speed(tmp_path) -> None:
+    # time_scale 2 (see the straggler tests below): at 1, one CI run failed all 3 attempts, the last deploying a plan
+    # 27 % slower than the baseline: max-clock profiling had counted the contended host's time, low clocks had not.
     callback = {"cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 6, "deploy_iterations": 8,
-                "profiling": FAST_PROFILING}
+                "profiling": FAST_PROFILING, "emulation": {"time_scale": 2.0}}
     for attempt in range(3):  # other jobs on this machine's 2 cores can swing one run's timing: another run decides
         ranks = run_worker(tmp_path / str(attempt), processes=2, pp=2, steps=34, callback=callback)
         summary = ranks[0]["summary"]
