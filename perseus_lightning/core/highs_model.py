@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
@@ -60,6 +60,48 @@ def load_model(lp: Any, rows: list[np.ndarray], cols: list[np.ndarray], vals: li
     solver = quiet_solver()
     solver.passModel(lp)
     return solver
+
+
+class ConstraintRows:
+    """Rows ``lower <= sum(value * column) <= upper``, collected one by one, for :func:`solve_small_milp`."""
+
+    def __init__(self) -> None:
+        self.rows: list[int] = []
+        self.cols: list[int] = []
+        self.vals: list[float] = []
+        self.lower: list[float] = []
+        self.upper: list[float] = []
+
+    def add(self, terms: Iterable[tuple[int, float]], lower: float, upper: float) -> None:
+        """One row over ``terms``, ``(column, value)`` pairs."""
+        for col, value in terms:
+            self.rows.append(len(self.upper))
+            self.cols.append(col)
+            self.vals.append(value)
+        self.lower.append(lower)
+        self.upper.append(upper)
+
+
+def solve_small_milp(lp: Any, rows: ConstraintRows, max_nodes: int) -> np.ndarray | None:
+    """Column values of the MILP ``lp`` (columns, bounds, costs and integrality set) under ``rows``,
+    solved to a relative gap of 1e-6 within ``max_nodes`` branch-and-bound nodes (deterministic,
+    unlike a time limit), with tight feasibility tolerances; ``None`` if HiGHS found no feasible point.
+    The planner's window MILPs (relax-and-fix, neighbourhood search) are of this kind."""
+    import highspy
+
+    lp.num_row_ = len(rows.upper)
+    lp.row_lower_, lp.row_upper_ = np.array(rows.lower), np.array(rows.upper)
+    solver = load_model(lp, [np.array(rows.rows)], [np.array(rows.cols)], [np.array(rows.vals)])
+    for option, value in (
+        ("mip_rel_gap", 1e-6), ("mip_max_nodes", max_nodes),
+        ("mip_feasibility_tolerance", 1e-10), ("primal_feasibility_tolerance", 1e-10),
+        ("mip_heuristic_run_feasibility_jump", False),  # 40 % of the time of these small MILPs, for nothing
+    ):
+        solver.setOptionValue(option, value)
+    solver.run()
+    if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
+        return None
+    return np.asarray(solver.getSolution().col_value)
 
 
 def quiet_solver() -> Any:

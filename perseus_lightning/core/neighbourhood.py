@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.highs_model import load_model
+from perseus_lightning.core.highs_model import ConstraintRows, solve_small_milp
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
 from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations
@@ -97,48 +97,28 @@ def _best_mix(
         own, count = int(choice[node]), len(options[node].time)
         candidates.append(list(range(max(own - reach, 0), min(own + reach, count - 1) + 1)))
         first_binary.append(first_binary[-1] + len(candidates[-1]))
-    rows: list[list[int]] = [[], [], []]  # row, column, value
-    lower: list[float] = []
-    upper: list[float] = []
-
-    def add_row(terms: list[tuple[int, float]], low: float, high: float) -> None:
-        for col, value in terms:
-            rows[0].append(len(upper))
-            rows[1].append(col)
-            rows[2].append(value)
-        lower.append(low)
-        upper.append(high)
-
+    rows = ConstraintRows()
     inf = highspy.kHighsInf
     earliest = []
     for k, node in enumerate(members):
         picks = [(first_binary[k] + j, float(options[node].time[c])) for j, c in enumerate(candidates[k])]
-        add_row([(first_binary[k] + j, 1.0) for j in range(len(picks))], 1.0, 1.0)  # one option each
+        rows.add([(col, 1.0) for col, _ in picks], 1.0, 1.0)  # one option each
         earliest.append(max((float(end[p]) for p in dag.predecessors[node] if p not in column), default=0.0))
-        outside = [float(latest[s]) for s in dag.successors[node] if s not in column]
-        due = min(outside, default=deadline) if outside or not dag.successors[node] else None
-        if due is not None:
-            add_row([(k, 1.0), *picks], -inf, due)
-        for succ in dag.successors[node]:
+        successors = dag.successors[node]
+        outside = [float(latest[s]) for s in successors if s not in column]
+        if outside or not successors:  # ends before the instructions after the window, or by the deadline
+            rows.add([(k, 1.0), *picks], -inf, min(outside, default=deadline))
+        for succ in successors:
             if succ in column:
-                add_row([(k, 1.0), (column[succ], -1.0), *picks], -inf, 0.0)
+                rows.add([(k, 1.0), (column[succ], -1.0), *picks], -inf, 0.0)
     cost = [float(options[node].cost[c]) for node, cs in zip(members, candidates) for c in cs]
     lp = highspy.HighsLp()
-    lp.num_col_, lp.num_row_ = first_binary[-1], len(upper)
+    lp.num_col_ = first_binary[-1]
     lp.col_cost_ = np.concatenate([np.zeros(len(members)), cost])
     lp.col_lower_ = np.concatenate([earliest, np.zeros(len(cost))])
     lp.col_upper_ = np.concatenate([np.full(len(members), inf), np.ones(len(cost))])
-    lp.row_lower_, lp.row_upper_ = np.array(lower), np.array(upper)
     lp.integrality_ = [highspy.HighsVarType.kContinuous] * len(members) + [highspy.HighsVarType.kInteger] * len(cost)
-    solver = load_model(lp, [np.array(rows[0])], [np.array(rows[1])], [np.array(rows[2])])
-    for option, value in (
-        ("mip_rel_gap", 1e-6), ("mip_max_nodes", MAX_NODES),
-        ("mip_feasibility_tolerance", 1e-10), ("primal_feasibility_tolerance", 1e-10),
-        ("mip_heuristic_run_feasibility_jump", False),
-    ):
-        solver.setOptionValue(option, value)
-    solver.run()
-    if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
+    values = solve_small_milp(lp, rows, MAX_NODES)
+    if values is None:
         return None
-    values = np.asarray(solver.getSolution().col_value)
     return np.array([cs[int(np.argmax(values[first_binary[k] : first_binary[k + 1]]))] for k, cs in enumerate(candidates)])

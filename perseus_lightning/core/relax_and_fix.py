@@ -27,7 +27,7 @@ from bisect import bisect_left
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.highs_model import load_model
+from perseus_lightning.core.highs_model import ConstraintRows, solve_small_milp
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
 
@@ -221,16 +221,8 @@ class _Windows:
 
         column = {node: k for k, node in enumerate(region)}
         slower = {node: len(region) + k for k, node in enumerate(members)}
-        rows: list[list[int]] = [[], [], []]  # row, column, value
-        upper: list[float] = []
-
-        def add_row(terms: list[tuple[int, float]], bound: float) -> None:
-            for col, value in terms:
-                rows[0].append(len(upper))
-                rows[1].append(col)
-                rows[2].append(value)
-            upper.append(bound)
-
+        rows = ConstraintRows()
+        inf = highspy.kHighsInf
         earliest_start, fixed, due = [], [], []
         for node in region:
             fixed.append(float(self.options[node].time[brackets[node][0]]) if node in slower else float(current[node]))
@@ -244,31 +236,21 @@ class _Windows:
         for k, node in enumerate(region):
             terms = [(slower[node], stretch[node])] if node in slower else []
             if np.isfinite(due[k]):
-                add_row([(k, 1.0), *terms], due[k] - fixed[k])
+                rows.add([(k, 1.0), *terms], -inf, due[k] - fixed[k])
             for succ in self.dag.successors[node]:
                 if succ in column:
-                    add_row([(k, 1.0), (column[succ], -1.0), *terms], -fixed[k])
+                    rows.add([(k, 1.0), (column[succ], -1.0), *terms], -inf, -fixed[k])
         saving = [
             float(self.options[node].cost[brackets[node][1]] - self.options[node].cost[brackets[node][0]]) for node in members
         ]
-        inf = highspy.kHighsInf
         lp = highspy.HighsLp()
-        lp.num_col_, lp.num_row_ = len(region) + len(members), len(upper)
+        lp.num_col_ = len(region) + len(members)
         lp.col_cost_ = np.concatenate([np.zeros(len(region)), saving])
         lp.col_lower_ = np.concatenate([earliest_start, np.zeros(len(members))])
         lp.col_upper_ = np.concatenate([np.full(len(region), inf), np.ones(len(members))])
-        lp.row_lower_ = np.full(len(upper), -inf)
-        lp.row_upper_ = np.array(upper)
         lp.integrality_ = [highspy.HighsVarType.kContinuous] * len(region) + [highspy.HighsVarType.kInteger] * len(members)
-        solver = load_model(lp, [np.array(rows[0])], [np.array(rows[1])], [np.array(rows[2])])
-        for option, value in (
-            ("mip_rel_gap", 1e-6), ("mip_max_nodes", MAX_NODES),
-            ("mip_feasibility_tolerance", 1e-10), ("primal_feasibility_tolerance", 1e-10),
-            ("mip_heuristic_run_feasibility_jump", False),  # 40 % of the time of these small MILPs, for nothing
-        ):
-            solver.setOptionValue(option, value)
-        solver.run()
-        if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
+        values = solve_small_milp(lp, rows, MAX_NODES)
+        if values is None:
             return faster
-        picks = np.asarray(solver.getSolution().col_value)[len(region) :] > 0.5
+        picks = values[len(region) :] > 0.5
         return np.where(picks, [brackets[node][1] for node in members], faster)
