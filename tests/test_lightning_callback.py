@@ -23,6 +23,10 @@ DDP_WORKER = Path(__file__).parent / "distributed" / "ddp_worker.py"
 FAST_PROFILING = {"max_clocks": 4, "iterations_per_clock": 2}
 TIME_TOLERANCE = 1.1
 """Median iteration times of a CPU job on 2 shared cores vary by several percent between phases."""
+EMULATED_TIME_SCALE = 2.0
+"""The emulated GPUs' pace in the multi-process tests, as in recipes/perseus-cpu.yaml. At 1, a block at max clock
+lasts as long as its contended host took and a slowed block does not, so CPU contention entered the profiles and
+pace calibrations but not the slowed plans (each test below notes how that once failed it)."""
 
 
 @pytest.fixture(autouse=True)
@@ -181,10 +185,9 @@ def run_worker(tmp_path: Path, processes: int, pp: int, steps: int, callback: di
 
 @pytest.mark.distributed
 def test_two_stage_pipeline_saves_energy_at_baseline_speed(tmp_path) -> None:
-    # time_scale 2 (see the straggler tests below): at 1, one CI run failed all 3 attempts, the last deploying a plan
-    # 27 % slower than the baseline: max-clock profiling had counted the contended host's time, low clocks had not.
+    # At time_scale 1, one CI run failed all 3 attempts, the last deploying a plan 27 % slower than the baseline.
     callback = {"cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 6, "deploy_iterations": 8,
-                "profiling": FAST_PROFILING, "emulation": {"time_scale": 2.0}}
+                "profiling": FAST_PROFILING, "emulation": {"time_scale": EMULATED_TIME_SCALE}}
     for attempt in range(3):  # other jobs on this machine's 2 cores can swing one run's timing: another run decides
         ranks = run_worker(tmp_path / str(attempt), processes=2, pp=2, steps=34, callback=callback)
         summary = ranks[0]["summary"]
@@ -215,12 +218,12 @@ def is_open_at(episode: dict, iteration: int) -> bool:
 
 @pytest.mark.distributed
 def test_a_straggler_pipeline_slows_the_other_and_recovery_restores_it(tmp_path) -> None:
-    # time_scale 2 as in the DDP test below: 4 processes on 2 cores each compute at most half of the time.
-    # At 1, with a busy loop beside it, 1 run of 2 read the 3x throttling as 1.0-1.5x and found it too late.
+    # At time_scale 1, with a busy loop beside it, 1 run of 2 read the 3x throttling as 1.0-1.5x and found it too late.
     callback = {
         "cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 3, "deploy_iterations": 4,
         "profiling": FAST_PROFILING, "straggler": {"threshold": 0.4, "patience": 3, "recovery": 0.25},
-        "emulation": {"straggler_ranks": [2, 3], "straggler_slowdown": 3.0, "straggler_iterations": [30, 50], "time_scale": 2.0},
+        "emulation": {"straggler_ranks": [2, 3], "straggler_slowdown": 3.0, "straggler_iterations": [30, 50],
+                      "time_scale": EMULATED_TIME_SCALE},
     }
     ranks = run_worker(tmp_path, processes=4, pp=2, steps=70, callback=callback, timeout=400)
     summary = ranks[0]["summary"]
@@ -239,13 +242,13 @@ def test_a_straggler_pipeline_slows_the_other_and_recovery_restores_it(tmp_path)
 
 @pytest.mark.distributed
 def test_ddp_ranks_slow_down_to_a_straggling_rank(tmp_path) -> None:
-    # Emulated GPUs at time_scale 2, as in recipes/perseus-cpu.yaml: at 1, a block at max clock lasts as long
-    # as the contended host took, a slowed one does not, so rank 0's paced plan read up to 1.4x slow and hid
-    # the straggler (with a busy loop beside it: no episode at all; at 2, 4 runs of 4 found it, at 1.79x or more).
+    # At time_scale 1, rank 0's paced plan read up to 1.4x slow and hid the straggler (with a busy loop beside it:
+    # no episode at all; at 2, 4 runs of 4 found it, at 1.79x or more).
     callback = {
         "cache_dir": None, "warmup_iterations": 2, "baseline_iterations": 4, "deploy_iterations": 4,
         "profiling": FAST_PROFILING, "straggler": {"threshold": 0.4, "patience": 3, "recovery": 0.25},
-        "emulation": {"straggler_ranks": [1], "straggler_slowdown": 2.0, "straggler_iterations": [32, 47], "time_scale": 2.0},
+        "emulation": {"straggler_ranks": [1], "straggler_slowdown": 2.0, "straggler_iterations": [32, 47],
+                      "time_scale": EMULATED_TIME_SCALE},
     }
     ranks = run_worker(tmp_path, processes=2, pp=0, steps=67, callback=callback, worker=DDP_WORKER)
     episodes = ranks[0]["summary"]["straggler_episodes"]
