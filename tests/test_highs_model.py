@@ -1,6 +1,7 @@
-"""The planner's HiGHS solvers: one thread where the process allows it, never in another highspy user's way.
+"""The planner's HiGHS solvers: one thread where the process allows it, never in another highspy user's way;
+window MILPs that start from a given incumbent.
 
-HiGHS starts one thread scheduler per process, so each case runs in a fresh interpreter.
+HiGHS starts one thread scheduler per process, so each case about threads runs in a fresh interpreter.
 """
 
 from __future__ import annotations
@@ -51,3 +52,32 @@ def test_a_fresh_process_plans_on_one_thread_and_leaves_highspys_default_usable(
 def test_after_another_highspy_user_started_the_scheduler_the_planner_still_plans(users_threads: int) -> None:
     threads, planned, users_later_run = run_script(before=f"assert users_run({users_threads})", after=f"users_run({users_threads})")
     assert (threads, planned, users_later_run) == ("0", "True", "True")
+
+
+def test_a_small_milp_keeps_its_start_as_the_incumbent() -> None:
+    # A knapsack that HiGHS cannot solve at its root: with no node to search, it has no point
+    # without a start, and returns the start with one; with nodes, the same optimum either way.
+    highspy = pytest.importorskip("highspy")
+    import numpy as np
+
+    from perseus_lightning.core.highs_model import ConstraintRows, solve_small_milp
+
+    rng = np.random.default_rng(0)
+    weight = rng.integers(10, 60, 40).astype(float)
+    value = weight + rng.integers(0, 10, 40)
+    rows = ConstraintRows()
+    rows.add(enumerate(weight.tolist()), -highspy.kHighsInf, weight.sum() / 2 + 0.5)
+
+    def knapsack() -> object:
+        lp = highspy.HighsLp()
+        lp.num_col_, lp.col_cost_, lp.col_lower_, lp.col_upper_ = 40, -value, np.zeros(40), np.ones(40)
+        lp.integrality_ = [highspy.HighsVarType.kInteger] * 40
+        return lp
+
+    start = np.zeros(40)
+    start[:5] = 1.0
+    assert solve_small_milp(knapsack(), rows, max_nodes=0) is None
+    np.testing.assert_array_equal(solve_small_milp(knapsack(), rows, max_nodes=0, start=start), start)
+    best = solve_small_milp(knapsack(), rows, max_nodes=200)
+    seeded = solve_small_milp(knapsack(), rows, max_nodes=200, start=start)
+    assert value @ seeded == value @ best > value @ start and weight @ seeded <= weight.sum() / 2 + 0.5

@@ -82,11 +82,12 @@ class ConstraintRows:
         self.upper.append(upper)
 
 
-def solve_small_milp(lp: Any, rows: ConstraintRows, max_nodes: int) -> np.ndarray | None:
+def solve_small_milp(lp: Any, rows: ConstraintRows, max_nodes: int, start: np.ndarray | None = None) -> np.ndarray | None:
     """Column values of the MILP ``lp`` (columns, bounds, costs and integrality set) under ``rows``,
     solved to a relative gap of 1e-6 within ``max_nodes`` branch-and-bound nodes (deterministic,
     unlike a time limit), with tight feasibility tolerances; ``None`` if HiGHS found no feasible point.
-    The planner's window MILPs (relax-and-fix, neighbourhood search) are of this kind."""
+    ``start``, a feasible point if given, is HiGHS's first incumbent. The planner's window MILPs
+    (relax-and-fix, neighbourhood search) are of this kind."""
     import highspy
 
     lp.num_row_ = len(rows.upper)
@@ -98,6 +99,10 @@ def solve_small_milp(lp: Any, rows: ConstraintRows, max_nodes: int) -> np.ndarra
         ("mip_heuristic_run_feasibility_jump", False),  # 40 % of the time of these small MILPs, for nothing
     ):
         solver.setOptionValue(option, value)
+    if start is not None:
+        incumbent = highspy.HighsSolution()
+        incumbent.col_value, incumbent.value_valid = start.tolist(), True
+        solver.setSolution(incumbent)
     solver.run()
     if solver.getInfo().primal_solution_status != highspy.kSolutionStatusFeasible:
         return None

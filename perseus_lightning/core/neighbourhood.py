@@ -118,7 +118,10 @@ def _best_mix(
     lp.col_lower_ = np.concatenate([earliest, np.zeros(len(cost))])
     lp.col_upper_ = np.concatenate([np.full(len(members), inf), np.ones(len(cost))])
     lp.integrality_ = [highspy.HighsVarType.kContinuous] * len(members) + [highspy.HighsVarType.kInteger] * len(cost)
-    values = solve_small_milp(lp, rows, MAX_NODES)
+    current = np.zeros(first_binary[-1])  # the members' own options, at their current starts: feasible
+    current[: len(members)] = [float(end[node] - options[node].time[choice[node]]) for node in members]
+    current[[first_binary[k] + cs.index(int(choice[node])) for k, (node, cs) in enumerate(zip(members, candidates))]] = 1.0
+    values = solve_small_milp(lp, rows, MAX_NODES, start=current)
     if values is None:
         return None
     return np.array([cs[int(np.argmax(values[first_binary[k] : first_binary[k + 1]]))] for k, cs in enumerate(candidates)])
