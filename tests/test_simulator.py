@@ -553,3 +553,30 @@ def test_loaded_plan_simulates_like_the_original(tmp_path: Path) -> None:
     loaded = FrequencyPlan.load(tmp_path / "p.json", dag)
     assert loaded == plan
     assert simulate(dag, profile, 30.0, loaded).energy == simulate(dag, profile, 30.0, plan).energy
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=variant_id)
+def test_level_by_level_schedules_match_the_per_node_recurrences(variant: tuple[str, int, bool]) -> None:
+    from perseus_lightning.core.simulator import earliest_schedule, latest_starts
+
+    name, virtual, split = variant
+    dag = InstructionDAG.from_schedule(build_schedule(name, 4, 8, virtual, split))
+    for levels, neighbours in ((dag.levels, dag.predecessors), (dag.reverse_levels, dag.successors)):
+        level_of = {node: k for k, (nodes, _) in enumerate(levels) for node in nodes.tolist()}
+        assert sorted(level_of) == list(range(dag.num_nodes))  # every node once
+        for nodes, padded in levels:  # each node's neighbours, padded, all in earlier levels
+            for node, row in zip(nodes.tolist(), padded.tolist()):
+                assert [n for n in row if n != dag.num_nodes] == list(neighbours[node])
+                assert all(level_of[n] < level_of[node] for n in neighbours[node])
+    rng = np.random.default_rng(zlib.crc32(repr(variant).encode()))
+    durations = rng.uniform(0.0, 1.0, dag.num_nodes) * (rng.random(dag.num_nodes) > 0.1)  # some take no time
+    end = [0.0] * dag.num_nodes
+    for node in dag.topological_order.tolist():
+        end[node] = max((end[p] for p in dag.predecessors[node]), default=0.0) + durations[node]
+    deadline = max(end) * 1.1
+    latest = [0.0] * dag.num_nodes
+    for node in dag.topological_order[::-1].tolist():
+        latest[node] = min((latest[s] for s in dag.successors[node]), default=deadline) - durations[node]
+    start, finish = earliest_schedule(dag, durations)
+    assert finish.tolist() == end and (start + durations).tolist() == end
+    assert latest_starts(dag, durations, deadline).tolist() == latest

@@ -90,6 +90,19 @@ class InstructionDAG:
         return _adjacency(self.num_nodes, self.edge_sources, self.edge_targets)
 
     @cached_property
+    def levels(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """Nodes by depth (the most edges on a path from a node without predecessors), each level
+        with its nodes' predecessors, one row per node padded with ``num_nodes``. A node's
+        predecessors all lie in earlier levels, so a schedule is one vectorised step per level."""
+        return _levels(self.num_nodes, self.topological_order, self.predecessors)
+
+    @cached_property
+    def reverse_levels(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+        """:attr:`levels` of the reversed DAG: nodes by height (the most edges on a path to a node
+        without successors), each level with its nodes' successors, padded with ``num_nodes``."""
+        return _levels(self.num_nodes, self.topological_order[::-1], self.successors)
+
+    @cached_property
     def sinks(self) -> np.ndarray:
         """Nodes without successors."""
         return np.flatnonzero(np.bincount(self.edge_sources, minlength=self.num_nodes) == 0)
@@ -106,6 +119,20 @@ def _adjacency(n: int, keys: np.ndarray, values: np.ndarray) -> tuple[tuple[int,
     for key, value in zip(keys.tolist(), values.tolist()):
         lists[key].append(value)
     return tuple(map(tuple, lists))
+
+
+def _levels(n: int, order: np.ndarray, before: tuple[tuple[int, ...], ...]) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
+    """Nodes grouped by the most edges on a path to them from a node with nothing ``before`` it (in
+    ``order``, a topological order), each group with its nodes' ``before`` lists padded with ``n``."""
+    depth = [0] * n
+    for node in order.tolist():
+        depth[node] = max((depth[p] + 1 for p in before[node]), default=0)
+    padded = np.full((n, max([1, *map(len, before)])), n, dtype=np.int64)
+    for node, nodes in enumerate(before):
+        padded[node, : len(nodes)] = nodes
+    by_depth = np.argsort(depth, kind="stable")
+    bounds = np.searchsorted(np.asarray(depth, dtype=np.int64)[by_depth], np.arange(max(depth, default=-1) + 2))
+    return tuple((by_depth[a:b], padded[by_depth[a:b]]) for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist()))
 
 
 def _topological_order(

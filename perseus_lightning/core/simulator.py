@@ -116,29 +116,25 @@ def instruction_costs(dag: InstructionDAG, profile: Profile, frequencies: np.nda
 
 
 def earliest_schedule(dag: InstructionDAG, durations: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Earliest start and end of every node (as-soon-as-possible execution): the longest paths."""
+    """Earliest start and end of every node (as-soon-as-possible execution): the longest paths.
+    ``durations`` are non-negative; a level of :attr:`InstructionDAG.levels` at a time."""
+    duration = np.asarray(durations, dtype=float)
     start = np.zeros(dag.num_nodes)
-    end = np.zeros(dag.num_nodes)
-    preds = dag.predecessors
-    dur = durations.tolist()
-    end_list = end.tolist()
-    start_list = start.tolist()
-    for node in dag.topological_order.tolist():
-        s = max((end_list[p] for p in preds[node]), default=0.0)
-        start_list[node] = s
-        end_list[node] = s + dur[node]
-    return np.array(start_list), np.array(end_list)
+    end = np.zeros(dag.num_nodes + 1)  # the padding's end, 0: no later than any predecessor's
+    for nodes, predecessors in dag.levels:
+        start[nodes] = level_start = end[predecessors].max(axis=1)
+        end[nodes] = level_start + duration[nodes]
+    return start, end[:-1]
 
 
 def latest_starts(dag: InstructionDAG, durations: np.ndarray, deadline: float) -> np.ndarray:
     """Latest start of every node that still lets every path end by ``deadline`` (as-late-as-possible
-    execution; negative where the nodes' durations cannot fit)."""
-    succs = dag.successors
-    dur = durations.tolist()
-    latest = [0.0] * dag.num_nodes
-    for node in dag.topological_order[::-1].tolist():
-        latest[node] = min((latest[s] for s in succs[node]), default=deadline) - dur[node]
-    return np.array(latest)
+    execution; negative where the nodes' durations cannot fit). ``durations`` are non-negative."""
+    duration = np.asarray(durations, dtype=float)
+    latest = np.full(dag.num_nodes + 1, float(deadline))  # the padding's: no earlier than any successor's
+    for nodes, successors in dag.reverse_levels:
+        latest[nodes] = latest[successors].min(axis=1) - duration[nodes]
+    return latest[:-1]
 
 
 def simulate(
