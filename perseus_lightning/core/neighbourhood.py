@@ -23,7 +23,7 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.highs_model import ConstraintRows, solve_small_milp
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations
+from perseus_lightning.core.slack import CHEAPER, DEADLINE_TOLERANCE, option_durations, plan_energy
 
 WINDOW = 16
 """Instructions per window's MILP."""
@@ -31,8 +31,6 @@ REACH = 1
 """How many clock options away from its own each member may move, either way."""
 MAX_NODES = 200
 """Branch-and-bound nodes per window's MILP (deterministic, unlike a time limit)."""
-CHEAPER = 1e-9
-"""Relative energy difference that counts as a cheaper plan."""
 
 
 def search_neighbourhood(
@@ -47,11 +45,11 @@ def search_neighbourhood(
 ) -> np.ndarray:
     """One pass of windows over ``choice`` (option indices that finish by ``deadline``), the first
     window ``offset`` long if not 0. Returns option indices that finish by ``deadline`` and cost no
-    more, counting ``idle_power`` over the iteration as :class:`~perseus_lightning.core.rounding.Rounder` does."""
+    more, counting ``idle_power`` over the iteration (:func:`~perseus_lightning.core.slack.plan_energy`)."""
     choice = choice.copy()
     durations = option_durations(options, choice)
     start, end = earliest_schedule(dag, durations)
-    energy = _energy(options, choice, idle_power, end)
+    energy = plan_energy(options, choice, idle_power, end)
     rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)
     rank_in_topology[dag.topological_order] = np.arange(dag.num_nodes)
     order = np.lexsort((rank_in_topology, start)).tolist()
@@ -66,15 +64,11 @@ def search_neighbourhood(
         trial[members] = picked
         trial_durations = option_durations(options, trial)
         _, trial_end = earliest_schedule(dag, trial_durations)
-        trial_energy = _energy(options, trial, idle_power, trial_end)
+        trial_energy = plan_energy(options, trial, idle_power, trial_end)
         if trial_end.max() <= deadline * (1 + DEADLINE_TOLERANCE) and trial_energy < energy * (1 - CHEAPER):
             choice, end, energy = trial, trial_end, trial_energy
             latest = latest_starts(dag, trial_durations, deadline)
     return choice
-
-
-def _energy(options: list[ClockOptions], choice: np.ndarray, idle_power: float, end: np.ndarray) -> float:
-    return sum(opt.cost_list[k] for opt, k in zip(options, choice.tolist())) + idle_power * float(end.max())
 
 
 def _best_mix(

@@ -50,10 +50,10 @@ from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.rounding import CHEAPER, ROUNDING_TOLERANCE, Rounder, RoundingJob, RoundingPool
+from perseus_lightning.core.rounding import ROUNDING_TOLERANCE, Rounder, RoundingJob, RoundingPool
 from perseus_lightning.core.schedules import from_actions
 from perseus_lightning.core.simulator import SimulationResult, earliest_schedule, simulate
-from perseus_lightning.core.slack import DEADLINE_TOLERANCE, option_durations, reclaim_slack
+from perseus_lightning.core.slack import CHEAPER, DEADLINE_TOLERANCE, option_durations, reclaim_slack
 
 FRONTIER_VERSION = 1
 DEFAULT_STEP = 0.004

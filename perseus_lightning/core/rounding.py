@@ -34,7 +34,7 @@ from perseus_lightning.core.neighbourhood import search_neighbourhood
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.relax_and_fix import WINDOW, refix, relax_and_fix
 from perseus_lightning.core.simulator import earliest_schedule
-from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_by_value
+from perseus_lightning.core.slack import CHEAPER, option_durations, plan_energy, reclaim_slack, reclaim_slack_by_value
 
 log = logging.getLogger(__name__)
 
@@ -44,8 +44,6 @@ REFIX_OFFSETS = (WINDOW // 2, 0)
 """Improvement passes (:func:`~perseus_lightning.core.relax_and_fix.refix`), by their first window's length."""
 ROUNDING_TOLERANCE = 1e-9
 """Relative float noise by which a plan may end past a deadline (or an LP duration) and still count as meeting it."""
-CHEAPER = 1e-9
-"""Relative energy difference that counts as a cheaper plan."""
 SEARCH_BELOW = 0.003
 """Relative gap to the LP bound up to which a plan still above ``REFIX_ABOVE`` gets neighbourhood
 search (further above, on non-convex profiles, the relaxation is loose and local moves gain little)."""
@@ -104,7 +102,7 @@ class Rounder:
     def energy(self, choice: np.ndarray) -> float:
         """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
         _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
-        return sum(opt.cost[k] for opt, k in zip(self.options, choice.tolist())) + self.idle_power * float(end.max())
+        return plan_energy(self.options, choice, self.idle_power, end)
 
     def reclaimed(self, choice: np.ndarray, deadline: float) -> list[np.ndarray]:
         """``choice`` with its slack reclaimed backward (latest instructions first) and by value

@@ -24,11 +24,19 @@ _NONE = -1
 """No move queued (option indices start at 0)."""
 DEADLINE_TOLERANCE = 1e-9
 """How far past the deadline (relative) a starting choice may end: floating-point noise of the LP."""
+CHEAPER = 1e-9
+"""Relative energy difference that counts as a cheaper plan."""
 
 
 def option_durations(options: list[ClockOptions], choice: np.ndarray) -> np.ndarray:
     """Per-node time of the chosen option indices."""
     return np.array([opt.time[k] for opt, k in zip(options, choice.tolist())])
+
+
+def plan_energy(options: list[ClockOptions], choice: np.ndarray, idle_power: float, end: np.ndarray) -> float:
+    """Energy of option indices ``choice``, whose nodes end at ``end``: the options' effective
+    energies plus ``idle_power`` over the whole iteration (what the simulator computes)."""
+    return sum(opt.cost_list[k] for opt, k in zip(options, choice.tolist())) + idle_power * float(end.max())
 
 
 def _schedule_within(
