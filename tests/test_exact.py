@@ -22,16 +22,38 @@ def test_milp_matches_brute_force_at_every_deadline(name: str) -> None:
     profile, dag = TINY_INSTANCES[name]
     stage_profile = profile.for_stages(dag.schedule.stage_ranks)
     options = clock_options(dag, stage_profile, P2P_POWER)
-    exact, truth = ExactPlanner(dag, options, P2P_POWER), brute_force(profile, dag)
+    truth = brute_force(profile, dag)
     fastest = np.zeros(dag.num_nodes, dtype=np.int64)
     t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
-    for deadline in np.linspace(t_min, 1.3 * t_min, 7):
-        solution = exact.solve(float(deadline), fastest)
+    for formulation in ("choice", "incremental"):
+        exact = ExactPlanner(dag, options, P2P_POWER, formulation)
+        for deadline in np.linspace(t_min, 1.3 * t_min, 7):
+            solution = exact.solve(float(deadline), fastest)
+            plan = FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, solution.choice.tolist())))
+            result = simulate(dag, stage_profile, P2P_POWER, plan)
+            assert solution.optimal, formulation
+            assert result.iteration_time <= deadline * (1 + 1e-9)
+            assert result.energy == pytest.approx(truth.optimum(float(deadline)), rel=1e-9), formulation
+            assert solution.lower_bound == pytest.approx(result.energy, rel=1e-9)  # proven optimal: the bound meets it
+
+
+def test_a_node_limited_solve_bounds_the_optimum_from_below() -> None:
+    profile, dag = TINY_INSTANCES["noisy-3x2"]
+    options = clock_options(dag, profile, P2P_POWER)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    deadline = 1.05 * float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
+    optimum = ExactPlanner(dag, options, P2P_POWER).solve(deadline, fastest).lower_bound  # proven (test above)
+    for formulation in ("choice", "incremental"):
+        solution = ExactPlanner(dag, options, P2P_POWER, formulation, max_nodes=1).solve(deadline, fastest)
+        assert solution.lower_bound <= optimum * (1 + 1e-9), formulation
         plan = FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, solution.choice.tolist())))
-        result = simulate(dag, stage_profile, P2P_POWER, plan)
-        assert solution.optimal
-        assert result.iteration_time <= deadline * (1 + 1e-9)
-        assert result.energy == pytest.approx(truth.optimum(float(deadline)), rel=1e-9)
+        assert simulate(dag, profile, P2P_POWER, plan).energy >= optimum * (1 - 1e-9), formulation
+
+
+def test_an_unknown_formulation_is_refused_with_a_fix() -> None:
+    profile, dag = TINY_INSTANCES["noisy-2x2"]
+    with pytest.raises(PlanError, match="formulation is 'sos'.*Fix: use 'choice' or 'incremental'"):
+        ExactPlanner(dag, clock_options(dag, profile, P2P_POWER), P2P_POWER, "sos")  # type: ignore[arg-type]
 
 
 def test_a_limited_solve_keeps_a_feasible_plan() -> None:
@@ -63,3 +85,20 @@ def test_large_pipelines_skip_the_milp_and_zero_seconds_disables_it() -> None:
     assert exact.fastest.energy <= heuristic.fastest.energy * (1 + 1e-12)
     with pytest.raises(PlanError, match="exact_seconds is -1.*Fix"):
         plan_frontier(profile, small, P2P_POWER, exact_seconds=-1)
+
+
+def test_the_reference_benchmark_leaves_out_only_clocks_that_no_plan_can_use() -> None:
+    from bench.milp_reference import fitting_options
+
+    profile, dag = TINY_INSTANCES["noisy-3x2"]
+    options = clock_options(dag, profile, P2P_POWER)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
+    truth = brute_force(profile, dag)
+    for deadline in (t_min, 1.02 * t_min, 1.1 * t_min):
+        fitting = fitting_options(dag, options, deadline)
+        assert all(len(kept.time) <= len(opt.time) for kept, opt in zip(fitting, options))
+        if deadline == t_min:
+            assert sum(len(kept.time) for kept in fitting) < sum(len(opt.time) for opt in options)
+        solution = ExactPlanner(dag, fitting, P2P_POWER).solve(deadline, fastest)
+        assert solution.lower_bound == pytest.approx(truth.optimum(deadline), rel=1e-9)

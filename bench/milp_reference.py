@@ -1,0 +1,103 @@
+"""Benchmark: the planner against a longer whole-DAG MILP, on the measured GPT-3 175B profiles.
+
+Run: .venv/bin/python bench/milp_reference.py [--microbatches 12] [--deadlines 1.0 1.004] [--seconds 60]
+
+The planner's targets are gaps to the LP lower bound, which a non-convex profile may keep out of
+any plan's reach. This prints, per profile and deadline D (a multiple of T_min), three energies as
+gaps above the LP bound at D:
+- planner: the frontier's cheapest plan finishing by D (plan_frontier with its defaults);
+- MILP plan: the best plan finishing by D that HiGHS finds within --seconds, with the incremental
+  formulation (core/exact.py) seeded with the planner's plan, simulated exactly;
+- MILP bound: what HiGHS proves within --seconds with the choice formulation, also seeded (its
+  dual bound): no plan finishing by D is cheaper. Above a target, no planner can meet it at D.
+Both MILPs leave out the clocks that cannot fit D (slower than an instruction's float with every
+other instruction at max clock), which no plan finishing by D uses. Each row takes about twice
+--seconds; at 8 x 12 the defaults take about 10 minutes. Needs ../shared/data/stage_profiles.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.exact import ExactPlanner
+from perseus_lightning.core.options import ClockOptions, clock_options
+from perseus_lightning.core.plan import FrequencyPlan
+from perseus_lightning.core.planner import plan_frontier
+from perseus_lightning.core.profile import Profile
+from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.schedules import build_schedule
+from perseus_lightning.core.simulator import earliest_schedule, latest_starts, simulate
+
+sys.path.insert(0, str(Path(__file__).parent))
+from planner import DATA, PROFILES, STAGES  # noqa: E402  (bench/planner.py, beside this script)
+
+FIT_TOLERANCE = 1e-9
+"""Relative slack on an instruction's float when leaving out the clocks that cannot fit."""
+
+
+def fitting_options(dag: InstructionDAG, options: list[ClockOptions], deadline: float) -> list[ClockOptions]:
+    """Each node's options that fit within its float at ``deadline`` with every other node at max
+    clock: a prefix of its own (fastest first), so option indices keep their meaning."""
+    fastest = np.array([opt.time[0] for opt in options])
+    start, _ = earliest_schedule(dag, fastest)
+    limit = fastest + (latest_starts(dag, fastest, deadline) - start) + FIT_TOLERANCE * deadline
+    kept: dict[tuple[int, int], ClockOptions] = {}
+    result = []
+    for opt, longest in zip(options, limit.tolist()):
+        count = max(int(np.searchsorted(opt.time, longest, side="right")), 1)
+        key = (id(opt), count)
+        if key not in kept:
+            kept[key] = ClockOptions(opt.frequencies[:count], opt.time[:count], opt.cost[:count])
+        result.append(kept[key])
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--microbatches", type=int, default=12)
+    parser.add_argument("--deadlines", type=float, nargs="+", default=[1.0, 1.004], help="multiples of T_min")
+    parser.add_argument("--seconds", type=float, default=60.0, help="time limit of each MILP solve")
+    parser.add_argument("--gpus", nargs="+", default=[gpu for gpu, *_ in PROFILES], choices=[gpu for gpu, *_ in PROFILES])
+    args = parser.parse_args()
+    if not DATA.is_dir():
+        sys.exit(f"{DATA} not present: the benchmark needs the third-party stage profiles in ../shared/data")
+    table = Table(title=f"Planner against a {args.seconds:g} s MILP, GPT-3 175B, {STAGES} stages x {args.microbatches} "
+                        "microbatches, synchronous 1F1B (gaps above the LP bound at the deadline)")
+    for column in ("GPU", "deadline", "planner", "MILP plan", "MILP bound", "binaries", "seconds"):
+        table.add_column(column, justify="right")
+    for gpu, name, power, _ in PROFILES:
+        if gpu not in args.gpus:
+            continue
+        profile = Profile.load(DATA / name)
+        dag = InstructionDAG.from_schedule(build_schedule("1f1b", STAGES, args.microbatches))
+        stage_profile = profile.for_stages(dag.schedule.stage_ranks)
+        options = clock_options(dag, stage_profile, power)
+        relaxation = HullRelaxation(dag, options, power)
+        frontier = plan_frontier(profile, dag, power)
+        for multiple in args.deadlines:
+            deadline = multiple * frontier.baseline_time
+            bound = relaxation.solve(deadline).lower_bound
+            planned = frontier.select(deadline * (1 + FIT_TOLERANCE))
+            seed = np.array([list(opt.frequencies).index(f) for opt, f in zip(options, planned.plan.as_array().tolist())])
+            fitting = fitting_options(dag, options, deadline)
+            started = time.perf_counter()
+            found = ExactPlanner(dag, fitting, power, "incremental", max_nodes=2**31 - 1).solve(deadline, seed, args.seconds)
+            plan = FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, found.choice.tolist())))
+            energy = simulate(dag, stage_profile, power, plan).energy
+            proven = ExactPlanner(dag, fitting, power, "choice", max_nodes=2**31 - 1).solve(deadline, seed, args.seconds)
+            table.add_row(gpu, f"{multiple:g} T_min", f"{100 * (planned.energy / bound - 1):.3f} %",
+                          f"{100 * (energy / bound - 1):.3f} %", f"{100 * (proven.lower_bound / bound - 1):.3f} %",
+                          str(sum(len(opt.time) for opt in fitting)), f"{time.perf_counter() - started:.0f}")
+    Console(width=160).print(table)
+
+
+if __name__ == "__main__":
+    main()
