@@ -4,7 +4,7 @@ One start time per instruction and the iteration time ``T``; every DAG edge and 
 finishes by its successor's start and by ``T``, and the objective is the iteration's exact energy
 ``sum(E - P_block * t) + R * P_block * T`` (see :mod:`perseus_lightning.core.options`). Each
 instruction's clock is chosen by binaries in one of two formulations with the same LP relaxation
-(each option's convex hull, as :mod:`perseus_lightning.core.relaxation`):
+(the convex hull of each instruction's options, as in :mod:`perseus_lightning.core.relaxation`):
 
 - ``"choice"``: one binary per (instruction, clock option), exactly one set. HiGHS proves
   optimality fastest with it, and the planner uses it.
