@@ -28,8 +28,7 @@ from rich.table import Table
 
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.exact import ExactPlanner
-from perseus_lightning.core.options import ClockOptions, clock_options
-from perseus_lightning.core.plan import FrequencyPlan
+from perseus_lightning.core.options import ClockOptions, clock_options, frequency_plan
 from perseus_lightning.core.planner import plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
@@ -90,8 +89,7 @@ def main() -> None:
             fitting = fitting_options(dag, options, deadline)
             started = time.perf_counter()
             found = ExactPlanner(dag, fitting, power, "incremental", max_nodes=2**31 - 1).solve(deadline, seed, args.seconds)
-            plan = FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, found.choice.tolist())))
-            energy = simulate(dag, stage_profile, power, plan).energy
+            energy = simulate(dag, stage_profile, power, frequency_plan(options, found.choice)).energy
             proven = ExactPlanner(dag, fitting, power, "choice", max_nodes=2**31 - 1).solve(deadline, seed, args.seconds)
             table.add_row(gpu, f"{multiple:g} T_min", f"{100 * (planned.energy / bound - 1):.3f} %",
                           f"{100 * (energy / bound - 1):.3f} %", f"{100 * (proven.lower_bound / bound - 1):.3f} %",

@@ -9,8 +9,7 @@ import pytest
 
 from perseus_lightning.core.errors import PlanError
 from perseus_lightning.core.exact import EXACT_MAX_BINARIES, ExactPlanner
-from perseus_lightning.core.options import clock_options
-from perseus_lightning.core.plan import FrequencyPlan
+from perseus_lightning.core.options import clock_options, frequency_plan
 from perseus_lightning.core.planner import plan_frontier
 from perseus_lightning.core.simulator import earliest_schedule, simulate
 from perseus_lightning.core.slack import option_durations
@@ -29,8 +28,7 @@ def test_milp_matches_brute_force_at_every_deadline(name: str) -> None:
         exact = ExactPlanner(dag, options, P2P_POWER, formulation)
         for deadline in np.linspace(t_min, 1.3 * t_min, 7):
             solution = exact.solve(float(deadline), fastest)
-            plan = FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, solution.choice.tolist())))
-            result = simulate(dag, stage_profile, P2P_POWER, plan)
+            result = simulate(dag, stage_profile, P2P_POWER, frequency_plan(options, solution.choice))
             assert solution.optimal, formulation
             assert result.iteration_time <= deadline * (1 + 1e-9)
             assert result.energy == pytest.approx(truth.optimum(float(deadline)), rel=1e-9), formulation
@@ -46,8 +44,7 @@ def test_a_node_limited_solve_bounds_the_optimum_from_below() -> None:
     for formulation in ("choice", "incremental"):
         solution = ExactPlanner(dag, options, P2P_POWER, formulation, max_nodes=1).solve(deadline, fastest)
         assert solution.lower_bound <= optimum * (1 + 1e-9), formulation
-        plan = FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, solution.choice.tolist())))
-        assert simulate(dag, profile, P2P_POWER, plan).energy >= optimum * (1 - 1e-9), formulation
+        assert simulate(dag, profile, P2P_POWER, frequency_plan(options, solution.choice)).energy >= optimum * (1 - 1e-9), formulation
 
 
 def test_an_unknown_formulation_is_refused_with_a_fix() -> None:

@@ -14,6 +14,7 @@ from functools import cached_property
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import InstructionProfile, Profile
 
 
@@ -87,3 +88,8 @@ def clock_options(dag: InstructionDAG, stage_profile: Profile, p2p_power: float)
             shared[key] = ClockOptions.from_profile(stage_profile.get(*key), p2p_power)
         result.append(shared[key])
     return result
+
+
+def frequency_plan(options: list[ClockOptions], choice: np.ndarray) -> FrequencyPlan:
+    """The plan (one clock in MHz per node) of option indices ``choice``."""
+    return FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, choice.tolist())))

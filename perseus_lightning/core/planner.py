@@ -45,7 +45,7 @@ import numpy as np
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.errors import PlanError, read_json
 from perseus_lightning.core.exact import ExactPlanner
-from perseus_lightning.core.options import ClockOptions, clock_options
+from perseus_lightning.core.options import clock_options, frequency_plan
 from perseus_lightning.core.periodic import PeriodicRelaxation
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
@@ -293,7 +293,7 @@ class _Sweep:
     def plan_exactly(self, exact: ExactPlanner, deadline: float, seed: FrontierPlan, until: float) -> FrontierPlan:
         """The MILP's plan for ``deadline`` (at most until the clock reads ``until``), from ``seed``."""
         choice = exact.solve(deadline, self._choices[id(seed)], max(until - time.monotonic(), 0.01)).choice
-        result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+        result = simulate(self.dag, self.stage_profile, self.p2p_power, frequency_plan(self.options, choice))
         if result.iteration_time > deadline * (1 + DEADLINE_TOLERANCE):
             return seed  # the solver's plan ends past the deadline by more than float noise: keep the seed
         return self._record(choice, result, self.relaxation.solve(deadline).lower_bound)
@@ -329,13 +329,13 @@ class _Sweep:
             choice = np.where(start < faster.iteration_time * k / parts, slow, fast)
             _, end = earliest_schedule(self.dag, option_durations(self.options, choice))
             choice = reclaim_slack(self.dag, self.options, choice, float(end.max()))
-            result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+            result = simulate(self.dag, self.stage_profile, self.p2p_power, frequency_plan(self.options, choice))
             if result.iteration_time < slower.iteration_time and result.energy < faster.energy * (1 - CHEAPER):
                 self._record(choice, result, self.relaxation.solve(result.iteration_time).lower_bound)
 
     def _record_plan(self, choice: np.ndarray, lower_bound: float | None) -> FrontierPlan:
         """Simulate the plan of option indices ``choice`` and :meth:`_record` it."""
-        result = simulate(self.dag, self.stage_profile, self.p2p_power, _frequencies(self.options, choice))
+        result = simulate(self.dag, self.stage_profile, self.p2p_power, frequency_plan(self.options, choice))
         return self._record(choice, result, lower_bound)
 
     def _record(self, choice: np.ndarray, result: SimulationResult, lower_bound: float | None) -> FrontierPlan:
@@ -345,10 +345,6 @@ class _Sweep:
         self.found.append(found)
         self._choices[id(found)] = choice
         return found
-
-
-def _frequencies(options: list[ClockOptions], choice: np.ndarray) -> FrequencyPlan:
-    return FrequencyPlan(tuple(int(opt.frequencies[k]) for opt, k in zip(options, choice.tolist())))
 
 
 def _frontier_of(plans: list[FrontierPlan], t_min: float) -> list[FrontierPlan]:
