@@ -112,6 +112,10 @@ ENDINGS = {
     "exception, guard left open (atexit)": ("exception-atexit", None, 1),
     "Ctrl-C (SIGINT to the process group)": ("wait", lambda w: os.killpg(w.pid, signal.SIGINT), -signal.SIGINT),
     "SIGTERM": ("wait", lambda w: os.kill(w.pid, signal.SIGTERM), -signal.SIGTERM),
+    "SIGTERM inside a device call": ("wait-holding", lambda w: os.kill(w.pid, signal.SIGTERM), -signal.SIGTERM),
+    "Ctrl-C inside a device call": ("wait-holding", lambda w: os.killpg(w.pid, signal.SIGINT), -signal.SIGINT),
+    # The handler returns into code that never runs a handler again: the guard's last resort.
+    "SIGTERM, main thread stuck": ("wait-stuck", lambda w: os.kill(w.pid, signal.SIGTERM), -signal.SIGKILL),
     "SIGKILL": ("wait", lambda w: os.kill(w.pid, signal.SIGKILL), -signal.SIGKILL),
 }
 
@@ -124,10 +128,16 @@ def test_every_exit_path_resets_the_clocks(ending: str, tmp_path: Path, gpu_dir:
     if end is not None:
         assert locked_clocks(gpu_dir) == [LOW, LOW]
         time.sleep(0.1)  # let it compute a little: the signal may land while it holds a device's file lock
+        sent = time.monotonic()
         end(worker)
     assert worker.wait() == expected_code, worker.stderr
+    if end is not None and ending != "SIGKILL":
+        # Never the 5 s a reset may take before the signal is acted on regardless (1 s when stuck).
+        assert time.monotonic() - sent < 4, worker.stderr
     if mode == "exception" or mode == "exception-atexit":
         assert "RuntimeError: training failed" in worker.stderr
+    if mode == "wait-stuck":
+        assert "did not act on signal SIGTERM: killing the process" in worker.stderr
     if ending == "SIGKILL":
         # Only the watchdog is left to reset: it sees the pipe close, resets and exits.
         assert wait_until(lambda: locked_clocks(gpu_dir) == [None, None], 10), worker.stderr
@@ -197,13 +207,14 @@ class StuckGPU(GPUDevice):
         return 0.0
 
 
-def test_signal_handler_waits_for_the_reset_only_so_long(caplog: pytest.LogCaptureFixture) -> None:
+def test_a_stuck_reset_delays_the_signal_only_so_long(caplog: pytest.LogCaptureFixture) -> None:
     device = StuckGPU()
     guard = ClockGuard([device], watchdog=False, signal_reset_timeout=0.2)
     try:
         started = time.monotonic()
         with pytest.raises(KeyboardInterrupt):
-            signal.raise_signal(signal.SIGINT)
+            signal.raise_signal(signal.SIGINT)  # the handler lets this code go on ...
+            time.sleep(5)  # ... and the signal comes back once the reset has timed out
         assert 0.2 <= time.monotonic() - started < 2
         assert "not reset within 0.2 s of signal SIGINT" in caplog.text
     finally:

@@ -39,6 +39,8 @@ from perseus_lightning.gpu.watchdog import DISARM, READY, describe_device
 
 logger = logging.getLogger(__name__)
 
+SIGNAL_GRACE = 0.1
+"""Seconds a signal handler waits for the reset before it lets the interrupted code go on."""
 RECOVERY = "Fix: `perseus reset --all`, or `nvidia-smi -rgc` as root."
 GUARDED_SIGNALS: tuple[signal.Signals, ...] = (signal.SIGINT, signal.SIGTERM)
 
@@ -53,8 +55,8 @@ class ClockGuard:
     thread; ``signals=False`` skips them) and, with ``watchdog=True``, the watchdog process, which
     the constructor waits for (at most ``ready_timeout`` seconds) so that protection is real
     before a clock is locked. :meth:`close` resets the clocks and disarms everything; it is
-    idempotent. A signal handler waits at most ``signal_reset_timeout`` seconds for the reset
-    (it may run while the interrupted code holds a device lock), then goes on regardless.
+    idempotent. A signal is acted on once the reset has ended, or after ``signal_reset_timeout``
+    seconds regardless (see :meth:`_on_signal`).
 
     A process forked from the guarded one (e.g. a ``fork`` DataLoader worker) inherits a
     disowned copy: it neither resets clocks nor keeps the watchdog's pipe open.
@@ -76,6 +78,7 @@ class ClockGuard:
         self._close_lock = threading.RLock()
         self._reported: set[str] = set()
         self._previous_handlers: dict[signal.Signals, _Handler] = {}
+        self._deferred_signals: dict[int, _DeferredSignal] = {}
         self._pipe: int | None = None
         self._watchdog: subprocess.Popen[bytes] | None = None
         _live_guards.add(self)
@@ -156,29 +159,80 @@ class ClockGuard:
         # later (Lightning restores its saved handlers at teardown), and it must still chain.
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
-        """Reset the clocks (bounded wait), then act as the previous handler would have."""
+        """Reset the clocks, then act as the previous handler would have.
+
+        The handler runs on the main thread between two bytecodes, maybe inside a device call that
+        holds a lock the reset needs. So the reset runs in a thread; if it has not ended within
+        :data:`SIGNAL_GRACE` seconds, the handler returns and lets the interrupted code go on, and
+        the signal is sent again to the main thread once the reset has ended, or after
+        ``signal_reset_timeout`` seconds.
+        """
         previous = self._previous_handlers.get(signal.Signals(signum), signal.SIG_DFL)
         if not self._closed and os.getpid() == self._pid:
-            done = threading.Event()
-
-            def reset() -> None:
-                if self.reset():
-                    done.set()
-
-            threading.Thread(target=reset, name="perseus-clock-reset", daemon=True).start()
-            if not done.wait(self.signal_reset_timeout):
+            deferred = self._deferred_signals.get(signum)
+            if deferred is None:
+                reset = _Reset(self)
+                if not reset.wait(min(SIGNAL_GRACE, self.signal_reset_timeout)):
+                    self._defer(signum, reset)
+                    return
+                reset_done = True
+            elif not deferred.sent_again.is_set():
+                return  # sent again while its reset runs: the deferred delivery follows
+            else:
+                del self._deferred_signals[signum]
+                deferred.handled.set()
+                reset_done = deferred.reset.wait(0) and (
+                    # The code that went on meanwhile may have locked a clock again.
+                    not self._any_clock_locked() or _Reset(self).wait(min(SIGNAL_GRACE, self.signal_reset_timeout))
+                )
+            if not reset_done:
                 self._report(
                     f"clocks not reset within {self.signal_reset_timeout} s of signal {signal.Signals(signum).name}; "
                     "the exit hooks and the watchdog will retry"
                 )
             if previous == signal.SIG_DFL:
                 # The process ends now. Without a confirmed reset, the watchdog resets after it.
-                self._disarm(reset_done=done.is_set())
+                self._disarm(reset_done=reset_done)
         if callable(previous):
             previous(signum, frame)
         elif previous == signal.SIG_DFL:
             signal.signal(signum, signal.SIG_DFL)
             os.kill(os.getpid(), signum)
+
+    def _defer(self, signum: int, reset: _Reset) -> None:
+        """Send ``signum`` to the main thread again once ``reset`` has ended (or timed out).
+
+        A main thread stuck in native code (a collective whose peers are gone) never runs the
+        handler again: a signal that would end the process then ends it with SIGKILL, after
+        ``signal_reset_timeout`` more seconds, leaving the watchdog armed unless the clocks are reset.
+        """
+        deferred = _DeferredSignal(reset)
+        self._deferred_signals[signum] = deferred
+        main_thread = threading.main_thread().ident
+        assert main_thread is not None  # a signal handler runs on the main thread
+
+        def send_again() -> None:
+            reset.wait(self.signal_reset_timeout)
+            deferred.sent_again.set()
+            signal.pthread_kill(main_thread, signum)
+            if deferred.handled.wait(self.signal_reset_timeout) or self._closed:
+                return
+            if self._previous_handlers.get(signal.Signals(signum), signal.SIG_DFL) == signal.SIG_DFL:
+                self._report(f"the main thread did not act on signal {signal.Signals(signum).name}: killing the process")
+                self._stop_watchdog(disarm=reset.wait(0) and not self._any_clock_locked())
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        threading.Thread(target=send_again, name="perseus-deferred-signal", daemon=True).start()
+
+    def _any_clock_locked(self) -> bool:
+        """Whether a guarded device reports a locked clock (or cannot say)."""
+        for device in self.devices:
+            try:
+                if device.locked_clock() is not None:
+                    return True
+            except Exception:  # noqa: BLE001 - unknown counts as locked
+                return True
+        return False
 
     # ----------------------------------------------------------------- watchdog
     def _start_watchdog(self, ready_timeout: float) -> None:
@@ -259,6 +313,32 @@ class ClockGuard:
         if message not in self._reported:
             self._reported.add(message)
             logger.warning("ClockGuard: %s", message)
+
+
+class _Reset:
+    """One :meth:`ClockGuard.reset` in a daemon thread of its own (it may block, even for good)."""
+
+    def __init__(self, guard: ClockGuard) -> None:
+        self._ended = threading.Event()
+        self._succeeded = False
+        threading.Thread(target=self._run, args=(guard,), name="perseus-clock-reset", daemon=True).start()
+
+    def _run(self, guard: ClockGuard) -> None:
+        self._succeeded = guard.reset()
+        self._ended.set()
+
+    def wait(self, seconds: float) -> bool:
+        """Whether the reset ended within ``seconds`` and succeeded."""
+        return self._ended.wait(seconds) and self._succeeded
+
+
+class _DeferredSignal:
+    """A signal whose handler returned before its reset ended."""
+
+    def __init__(self, reset: _Reset) -> None:
+        self.reset = reset
+        self.sent_again = threading.Event()
+        self.handled = threading.Event()
 
 
 _fork_hook_installed = False
