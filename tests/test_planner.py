@@ -337,21 +337,21 @@ def test_reclaim_slack_slows_non_critical_instructions_at_zero_slowdown(
     assert total_cost(options, reclaimed) < total_cost(options, fastest)
 
 
-def test_improvement_passes_never_cost_more_and_find_cheaper_plans_where_the_plan_is_far_from_the_bound(
+def test_hull_jumps_never_cost_more_and_find_cheaper_plans_where_the_plan_is_far_from_the_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # REFIX_ABOVE = 0: every deadline gets the improvement passes; inf: none does.
+    # JUMP_ABOVE = 0: every deadline gets hull jumps; inf: none does.
     profile = noisy_profile(3, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
     dag = dag_of("1f1b", 4, 16)
     plans = {}
-    for refix_above in (math.inf, 0.0):
-        monkeypatch.setattr(rounding, "REFIX_ABOVE", refix_above)
+    for jump_above in (math.inf, 0.0):
+        monkeypatch.setattr(rounding, "JUMP_ABOVE", jump_above)
         sweep = planner._Sweep(profile, dag, P2P_POWER)
         t_min = sweep.baseline.iteration_time
         stretches = (1.0, 1.01, 1.03, 1.08)
         for stretch, plan in zip(stretches, sweep.plan_each(RoundingPool(sweep.rounder), [(t_min * s, None) for s in stretches])):
             assert plan.iteration_time <= t_min * stretch * (1 + 1e-9)
-        plans[refix_above] = np.array([p.energy for p in sweep.found])
+        plans[jump_above] = np.array([p.energy for p in sweep.found])
     assert np.all(plans[0.0] <= plans[math.inf] * (1 + 1e-12))
     assert np.any(plans[0.0] < plans[math.inf] * (1 - 1e-6))
 

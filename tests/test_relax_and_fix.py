@@ -1,5 +1,4 @@
-"""Relax-and-fix rounding: it keeps the deadline, mixes hull vertices, and its one-window MILP is optimal;
-its improvement passes (refix) keep the deadline and never cost more."""
+"""Relax-and-fix rounding: it keeps the deadline, mixes hull vertices, and its one-window MILP is optimal."""
 
 from __future__ import annotations
 
@@ -13,7 +12,7 @@ from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.profile import BACKWARD, FORWARD
 from perseus_lightning.core import relax_and_fix as relax_and_fix_module
-from perseus_lightning.core.relax_and_fix import ON_VERTEX, refix, relax_and_fix
+from perseus_lightning.core.relax_and_fix import ON_VERTEX, relax_and_fix
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.slack import option_durations
 from planning_instances import dag_of, iteration_time, noisy_profile, total_cost
@@ -124,65 +123,3 @@ def test_durations_on_hull_vertices_come_back_unchanged(instance) -> None:
     deadline = iteration_time(dag, options, vertices)
     choice = relax_and_fix(dag, options, option_durations(options, vertices), deadline)
     assert np.array_equal(choice, vertices)
-
-
-def test_refix_trades_time_between_instructions_that_the_first_pass_fixed_apart() -> None:
-    # Forward then backward on one GPU, each 1 s or 2 s; slowing the forward saves 10, the backward
-    # 6. One at a time, the forward must stay fast (the backward still holds its LP time), so the
-    # backward is slowed (cost 10); a window over both slows the forward instead (cost 6).
-    dag = dag_of("1f1b", 1, 1)
-    times = np.array([1.0, 2.0])
-    options = [ClockOptions(np.array([1410, 900]), times, np.array([10.0, 0.0])),
-               ClockOptions(np.array([1410, 900]), times, np.array([6.0, 0.0]))]
-    durations = np.array([1.5, 1.5])
-    one_at_a_time = relax_and_fix(dag, options, durations, 3.0, window=1)
-    assert one_at_a_time.tolist() == [0, 1]
-    assert refix(dag, options, one_at_a_time, durations, 3.0, window=1).tolist() == [0, 1]  # the same windows: no trade
-    improved = refix(dag, options, one_at_a_time, durations, 3.0, window=2)
-    assert improved.tolist() == [1, 0]
-    assert iteration_time(dag, options, improved) <= 3.0
-
-
-def test_refix_windows_shifted_by_the_offset_trade_across_the_unshifted_windows() -> None:
-    # Four instructions on one GPU, each 1 s or 2 s, slowing them saves 0.5, 1, 5 and 10, and the
-    # deadline fits two slow ones. One at a time, every other one is slowed (savings 1 + 10). Windows
-    # of two, {0, 1} and {2, 3}, can only swap within each pair (no gain); shifted by one, {1, 2}
-    # moves the slow one from 1 to 2 (savings 5 + 10).
-    dag = dag_of("1f1b", 1, 2)
-    chain = dag.topological_order.tolist()
-    saving = dict(zip(chain, (0.5, 1.0, 5.0, 10.0)))
-    options = [ClockOptions(np.array([1410, 900]), np.array([1.0, 2.0]), np.array([saving[node], 0.0])) for node in range(4)]
-    durations = np.full(4, 1.5)
-    rounding = relax_and_fix(dag, options, durations, 6.0, window=1)
-    assert rounding[chain].tolist() == [0, 1, 0, 1]
-    assert np.array_equal(refix(dag, options, rounding, durations, 6.0, window=2), rounding)
-    shifted = refix(dag, options, rounding, durations, 6.0, window=2, offset=1)
-    assert shifted[chain].tolist() == [0, 0, 1, 1]
-    assert iteration_time(dag, options, shifted) <= 6.0
-
-
-@pytest.mark.parametrize("stretch", [1.0, 1.01, 1.03, 1.08])
-@pytest.mark.parametrize("window, offset", [(1, 0), (3, 1), (3, 2), (20, 10)])
-def test_refix_keeps_the_deadline_and_the_brackets_and_never_costs_more(
-    instance, stretch: float, window: int, offset: int
-) -> None:
-    dag, options, relaxation, t_min = instance
-    deadline = t_min * stretch
-    relaxed = relaxation.solve(deadline)
-    rounding = relax_and_fix(dag, options, relaxed.durations, deadline, window=window)
-    improved = refix(dag, options, rounding, relaxed.durations, deadline, window=window, offset=offset)
-    assert iteration_time(dag, options, improved) <= deadline * (1 + 1e-9)
-    allowed = brackets(options, relaxed.durations)
-    assert all(k in allowed_k for k, allowed_k in zip(improved.tolist(), allowed))
-    assert total_cost(options, improved) <= total_cost(options, rounding) + 1e-9
-
-
-@pytest.mark.parametrize("stretch", [1.0, 1.01, 1.03, 1.08])
-def test_refix_with_one_window_over_all_reaches_the_optimal_mix(instance, stretch: float) -> None:
-    dag, options, relaxation, t_min = instance
-    deadline = t_min * stretch
-    relaxed = relaxation.solve(deadline)
-    optimal = relax_and_fix(dag, options, relaxed.durations, deadline, window=dag.num_nodes)
-    rounding = relax_and_fix(dag, options, relaxed.durations, deadline, window=1)
-    improved = refix(dag, options, rounding, relaxed.durations, deadline, window=dag.num_nodes)
-    assert total_cost(options, improved) == pytest.approx(total_cost(options, optimal), rel=1e-6, abs=1e-6)

@@ -63,10 +63,10 @@ class DyingRounder(Rounder):
 
 
 def test_plans_just_above_the_bound_get_neighbourhood_search_and_only_get_cheaper() -> None:
-    # Told that the LP bound is 1 % below its plan, a deadline gets relax-and-fix's improvement passes
-    # only; told 0.25 % (within SEARCH_BELOW), neighbourhood search too, which gains on this noisy profile.
+    # Told that the LP bound is 1 % below its plan, a deadline gets hull jumps only; told 0.25 %
+    # (within SEARCH_BELOW), neighbourhood search too, which gains on this noisy profile.
     round_with = rounder()
-    assert rounding.REFIX_ABOVE < 0.0025 <= rounding.SEARCH_BELOW < 0.01
+    assert rounding.JUMP_ABOVE < 0.0025 <= rounding.SEARCH_BELOW < 0.01
     for job in jobs(round_with):
         plain = round_with.energy(round_with.round(dataclasses.replace(job, lower_bound=None)))
         far = round_with.round(dataclasses.replace(job, lower_bound=plain / 1.01))

@@ -11,14 +11,15 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both (and in the
    faster neighbour's plan, when filling a wide gap), each backward and by value, and keeps the
    cheapest (all-max-clock is the starting point only if none of them finishes by the deadline);
-4. where that plan is still more than ``REFIX_ABOVE`` above the LP bound, improves relax-and-fix's
-   rounding with passes of shifted windows (:func:`~perseus_lightning.core.relax_and_fix.refix`)
-   and reclaims the slack of each improved rounding too.
+4. where that plan is still more than ``JUMP_ABOVE`` above the LP bound, moves instructions off
+   clocks above their convex hull, one at a time, repairing the deadline around each
+   (:mod:`perseus_lightning.core.hull_jumps`), and reclaims the slack left; a plan then within
+   ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
-the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix and
-reclamation by value, and are seeded with the previous deadline's plan instead.
+the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix, hull
+jumps and reclamation by value, and are seeded with the previous deadline's plan instead.
 
 With ``workers``, the LPs stay in this process, in order, and worker processes do the rest of
 each deadline's work (:mod:`perseus_lightning.core.rounding`), with the same plans as one process.

@@ -14,10 +14,6 @@ two vertices too was slower and, after slack reclamation, no better.)
 A window's MILP needs only its *region*: the instructions on paths between its members. Those
 before the region bound its start times by their earliest finishes, which no longer change, and
 those after it bound its finishes by their latest starts, which no earlier window changes.
-
-:func:`refix` improves a rounding with the same windows, shifted: each re-picks its members'
-vertices while every other instruction keeps its rounded vertex, so a window that straddles two
-of the first pass can trade time between them.
 """
 
 from __future__ import annotations
@@ -51,28 +47,7 @@ def relax_and_fix(
     choice, brackets, snapped = _vertices(options, durations)
     if not brackets:
         return choice
-    return _fix_windows(dag, options, snapped, snapped.copy(), deadline, choice, brackets, window, offset=0, improve=False)
-
-
-def refix(
-    dag: InstructionDAG,
-    options: list[ClockOptions],
-    choice: np.ndarray,
-    durations: np.ndarray,
-    deadline: float,
-    window: int = WINDOW,
-    offset: int = 0,
-) -> np.ndarray:
-    """An improvement pass over ``choice``, a :func:`relax_and_fix` rounding of ``durations`` that
-    finishes by ``deadline``: windows of ``window`` fractional instructions (the first one of
-    ``offset``, if not 0) re-pick their vertices, every other instruction keeping its option in
-    ``choice``. A window's new pick is kept only if it costs less, so the result never costs more
-    than ``choice`` and still finishes by ``deadline``."""
-    _, brackets, snapped = _vertices(options, durations)
-    if not brackets:
-        return choice
-    current = np.array([opt.time[k] for opt, k in zip(options, choice.tolist())])
-    return _fix_windows(dag, options, snapped, current, deadline, choice.copy(), brackets, window, offset, improve=True)
+    return _fix_windows(dag, options, snapped, deadline, choice, brackets, window)
 
 
 def _vertices(options: list[ClockOptions], durations: np.ndarray) -> tuple[np.ndarray, dict[int, tuple[int, int]], np.ndarray]:
@@ -100,21 +75,16 @@ def _fix_windows(
     dag: InstructionDAG,
     options: list[ClockOptions],
     snapped: np.ndarray,
-    current: np.ndarray,
     deadline: float,
     choice: np.ndarray,
     brackets: dict[int, tuple[int, int]],
     window: int,
-    offset: int,
-    improve: bool,
 ) -> np.ndarray:
-    """Fix the ``brackets`` nodes window by window (the first window ``offset`` long, if not 0), in
-    the order of their start times under the LP's ``snapped`` durations; every other node keeps its
-    ``current`` duration. To ``improve`` a rounding (``choice``, timed by ``current``), a window's
-    pick replaces it only if cheaper."""
+    """Fix the ``brackets`` nodes window by window, in the order of their start times under the LP's
+    ``snapped`` durations; every other node keeps its duration (its fixed vertex's, or the LP's until
+    its window comes)."""
+    current = snapped.copy()
     start, end = earliest_schedule(dag, snapped)
-    if improve:  # a rounding's durations, not the LP's
-        _, end = earliest_schedule(dag, current)
     horizon = max(deadline, float(end.max()))
     latest = latest_starts(dag, current, horizon).tolist()
     rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)
@@ -123,20 +93,13 @@ def _fix_windows(
     position = np.empty(dag.num_nodes, dtype=np.int64)
     position[order] = np.arange(dag.num_nodes)
     fractional = sorted(brackets, key=lambda node: position[node])
-    firsts = [0, *range(offset, len(fractional), window)] if offset else list(range(0, len(fractional), window))
     windows = _Windows(dag, options, order.tolist(), position.tolist(), latest, horizon)
-    for first, stop in zip(firsts, [*firsts[1:], len(fractional)]):
-        members = fractional[first:stop]
+    for first in range(0, len(fractional), window):
+        members = fractional[first : first + window]
         picked = windows.solve(members, brackets, current)
-        if improve and _cost(options, members, picked) >= _cost(options, members, choice[members]):
-            continue
         choice[members] = picked
         current[members] = [options[node].time[k] for node, k in zip(members, picked.tolist())]
     return choice
-
-
-def _cost(options: list[ClockOptions], nodes: list[int], picks: np.ndarray) -> float:
-    return sum(float(options[node].cost[k]) for node, k in zip(nodes, picks.tolist()))
 
 
 class _Windows:

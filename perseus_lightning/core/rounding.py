@@ -3,9 +3,10 @@
 :class:`Rounder` turns the relaxation's durations at a deadline into the cheapest plan it finds
 that finishes by it: every instruction at its cheapest clock no slower than its relaxed duration,
 and relax-and-fix's mix of hull vertices (:mod:`perseus_lightning.core.relax_and_fix`), each with
-its slack reclaimed backward and by value (:mod:`perseus_lightning.core.slack`); where that plan is
-still more than ``REFIX_ABOVE`` above the LP bound, improvement passes over relax-and-fix's
-rounding, reclaimed too.
+its slack reclaimed backward and by value (:mod:`perseus_lightning.core.slack`). Where the best of
+them is still more than ``JUMP_ABOVE`` above the LP bound, hull jumps move instructions off clocks
+above their convex hull (:mod:`perseus_lightning.core.hull_jumps`), and a plan then within
+``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`).
 
 Deadlines round independently of each other once their LP is solved, so :class:`RoundingPool`
 can round them on worker processes while the planner solves the next LPs (warm-started, in order).
@@ -29,26 +30,26 @@ from types import TracebackType
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.hull_jumps import jump_to_hull
 from perseus_lightning.core.neighbourhood import WINDOW as SEARCH_WINDOW
 from perseus_lightning.core.neighbourhood import search_neighbourhood
 from perseus_lightning.core.options import ClockOptions
-from perseus_lightning.core.relax_and_fix import WINDOW, refix, relax_and_fix
+from perseus_lightning.core.relax_and_fix import relax_and_fix
 from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import CHEAPER, option_durations, plan_energy, reclaim_slack, reclaim_slack_by_value
 
 log = logging.getLogger(__name__)
 
-REFIX_ABOVE = 0.002
-"""Relative gap to the LP bound above which a deadline's relax-and-fix rounding gets improvement passes."""
-REFIX_OFFSETS = (WINDOW // 2, 0)
-"""Improvement passes (:func:`~perseus_lightning.core.relax_and_fix.refix`), by their first window's length."""
+JUMP_ABOVE = 0.002
+"""Relative gap to the LP bound above which a deadline's best plan gets hull jumps
+(:mod:`perseus_lightning.core.hull_jumps`)."""
 ROUNDING_TOLERANCE = 1e-9
 """Relative float noise by which a plan may end past a deadline (or an LP duration) and still count as meeting it."""
 SEARCH_BELOW = 0.003
-"""Relative gap to the LP bound up to which a plan still above ``REFIX_ABOVE`` gets neighbourhood
+"""Relative gap to the LP bound up to which a plan still above ``JUMP_ABOVE`` gets neighbourhood
 search (further above, on non-convex profiles, the relaxation is loose and local moves gain little)."""
 SEARCH_PASSES = 4
-"""Most neighbourhood-search passes per plan; they stop earlier once the plan is within ``REFIX_ABOVE``
+"""Most neighbourhood-search passes per plan; they stop earlier once the plan is within ``JUMP_ABOVE``
 of the bound, or after a pass that saved less than ``SEARCH_GAIN``."""
 SEARCH_GAIN = 1e-5
 """Relative energy a neighbourhood-search pass must save for another to follow (0.001 points of gap:
@@ -89,15 +90,15 @@ class Rounder:
         if not reclaimed:
             reclaimed = self.reclaimed(self.fastest, job.deadline)
         energies = [self.energy(c) for c in reclaimed]
-        if rounding is not None and job.lower_bound is not None and min(energies) > job.lower_bound * (1 + REFIX_ABOVE):
-            refixed = self._refixed(rounding, job.durations, job.deadline)
-            reclaimed += refixed
-            energies += [self.energy(c) for c in refixed]
         best = int(np.argmin(energies))
-        if not self.periodic and job.lower_bound is not None:
-            if job.lower_bound * (1 + REFIX_ABOVE) < energies[best] <= job.lower_bound * (1 + SEARCH_BELOW):
-                return self._searched(reclaimed[best], energies[best], job.deadline, job.lower_bound)
-        return reclaimed[best]
+        plan, energy = reclaimed[best], energies[best]
+        if self.periodic or job.lower_bound is None:
+            return plan
+        if energy > job.lower_bound * (1 + JUMP_ABOVE):
+            plan, energy = self._jumped(plan, energy, job.deadline)
+        if job.lower_bound * (1 + JUMP_ABOVE) < energy <= job.lower_bound * (1 + SEARCH_BELOW):
+            return self._searched(plan, energy, job.deadline, job.lower_bound)
+        return plan
 
     def energy(self, choice: np.ndarray) -> float:
         """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
@@ -113,11 +114,21 @@ class Rounder:
         by_value = reclaim_slack_by_value(self.dag, self.options, choice, deadline)
         return [backward] if by_value is None else [backward, by_value]
 
+    def _jumped(self, plan: np.ndarray, energy: float, deadline: float) -> tuple[np.ndarray, float]:
+        """``plan`` after hull jumps (:func:`~perseus_lightning.core.hull_jumps.jump_to_hull`), and
+        reclaimed: the cheapest of them, with its energy (``plan`` if none is cheaper)."""
+        jumped = jump_to_hull(self.dag, self.options, plan, deadline, self.idle_power)
+        for candidate in (jumped, *self.reclaimed(jumped, deadline)):
+            candidate_energy = self.energy(candidate)
+            if candidate_energy < energy * (1 - CHEAPER):
+                plan, energy = candidate, candidate_energy
+        return plan, energy
+
     def _searched(self, plan: np.ndarray, energy: float, deadline: float, lower_bound: float) -> np.ndarray:
         """``plan`` after neighbourhood-search passes (windows aligned, then shifted by half a
         window, in turn), each reclaimed; the cheapest plan seen."""
         for number in range(SEARCH_PASSES):
-            if energy <= lower_bound * (1 + REFIX_ABOVE):
+            if energy <= lower_bound * (1 + JUMP_ABOVE):
                 break
             offset = SEARCH_WINDOW // 2 if number % 2 else 0
             searched = search_neighbourhood(self.dag, self.options, plan, deadline, self.idle_power, offset=offset)
@@ -131,18 +142,6 @@ class Rounder:
                 break
         return plan
 
-    def _refixed(self, rounding: np.ndarray, durations: np.ndarray, deadline: float) -> list[np.ndarray]:
-        """The reclaimed plans of the improvement passes over relax-and-fix's ``rounding`` of the LP's
-        ``durations``, from each pass that made the rounding cheaper."""
-        found: list[np.ndarray] = []
-        energy = self.energy(rounding)
-        for offset in REFIX_OFFSETS:
-            improved = refix(self.dag, self.options, rounding, durations, deadline, offset=offset)
-            improved_energy = self.energy(improved)
-            if improved_energy < energy * (1 - CHEAPER):
-                rounding, energy = improved, improved_energy
-                found += self.reclaimed(rounding, deadline)
-        return found
 
 
 def available_cpus() -> int:
