@@ -102,9 +102,11 @@ def test_window_schedules_stay_exact_as_durations_change_and_undo_restores_them(
         windows.focus(members)
         start_before, latest_before = list(windows.start), list(windows.latest)
         mark = windows.mark()
-        for node in rng.choice(members, size=min(4, len(members)), replace=False).tolist():
-            durations[node] = options[node].time[rng.integers(len(options[node].time))]
-            windows.set_duration(node, float(durations[node]))
+        for _ in range(3):  # one to three members at a time
+            changes = rng.choice(members, size=min(int(rng.integers(1, 4)), len(members)), replace=False).tolist()
+            for node in changes:
+                durations[node] = options[node].time[rng.integers(len(options[node].time))]
+            windows.set_durations({node: float(durations[node]) for node in changes})
             start, _ = earliest_schedule(dag, durations)
             latest = latest_starts(dag, durations, deadline)
             assert np.allclose([windows.start[m] for m in members], start[members], rtol=0, atol=1e-12)

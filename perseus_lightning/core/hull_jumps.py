@@ -21,7 +21,7 @@ the window (:class:`_Windows`) and an undone move is rolled back from a log: a m
 proportion to the instructions whose windows it changes, not to the pipeline's length.
 
 On the A40 profile (8 stages, GPT-3 175B) this took the planner's zero-slowdown plan from 0.59-0.64 %
-to 0.36-0.53 % above the LP bound at 12-96 microbatches (docs/planner.md, session 19).
+to 0.36-0.50 % above the LP bound at 12-96 microbatches (docs/planner.md, session 19).
 """
 
 from __future__ import annotations
@@ -43,8 +43,6 @@ WINDOW = 64
 """Instructions per window: consecutive in the order of their earliest starts. The instructions
 outside a window keep their options and their earliest (before) or latest (after) schedule while
 moves are made inside it, so a move's updates stay inside the window."""
-MAX_MISSES = 4
-"""A window's moves stop after this many in a row were undone (they are tried by falling excess)."""
 MAX_REPAIRS = 16
 """Most rounds of speed-ups to repair one move; a move that needs more is undone."""
 _TIGHT = 1e-12
@@ -60,15 +58,21 @@ def jump_to_hull(
 
 
 class _Hull:
-    """Per option of one :class:`ClockOptions`: its cost above the lower hull, and the next slower
-    and faster hull vertices (-1: none)."""
+    """Per option of one :class:`ClockOptions`: its cost above the lower hull, the next slower and
+    faster hull vertices (-1: none), and its cheapest step to a faster option."""
 
     def __init__(self, options: ClockOptions) -> None:
         hull_time, hull_cost = options.lower_hull()
         self.excess = (options.cost - np.interp(options.time, hull_time, hull_cost)).tolist()
         hull = options.hull
-        self.slower_vertex = [next((v for v in hull if v > k), -1) for k in range(len(options.time))]
-        self.faster_vertex = [max((v for v in hull if v < k), default=-1) for k in range(len(options.time))]
+        count = len(options.time)
+        self.slower_vertex = [next((v for v in hull if v > k), -1) for k in range(count)]
+        self.faster_vertex = [max((v for v in hull if v < k), default=-1) for k in range(count)]
+        times, costs = options.time_list, options.cost_list
+        self.cheapest_step: list[tuple[float, int] | None] = [
+            min(((costs[f] - costs[k]) / (times[k] - times[f]), f) for f in range(k)) if k else None for k in range(count)
+        ]
+        """Per option: ``(cost per second given back, faster option)`` of the step that costs the least per second."""
 
 
 class _Jumps:
@@ -109,15 +113,11 @@ class _Jumps:
                 excess = [  # not the nodes that failed in both window alignments since a kept move reached them
                     (self.hulls[node].excess[self.choice[node]], node) for node in members if self.failures[node] < 2
                 ]
-                misses = 0
                 for value, node in sorted(excess, reverse=True):
-                    if value <= 0 or misses == MAX_MISSES:
+                    if value <= 0:
                         break
                     if self.hulls[node].excess[self.choice[node]] > 0:
-                        if self._jump(node):
-                            kept, misses = kept + 1, 0
-                        else:
-                            misses += 1
+                        kept += self._jump(node)
             if not kept:
                 break
         return np.array(self.choice, dtype=np.int64)
@@ -141,13 +141,18 @@ class _Jumps:
         self.failures[node] += 1
         return False
 
-    def _set(self, node: int, option: int, changed: dict[int, int]) -> float:
-        """Give ``node`` ``option``, remembering its first option in ``changed``; the cost it saves."""
-        opt = self.options[node]
-        changed.setdefault(node, self.choice[node])
-        saved = opt.cost_list[self.choice[node]] - opt.cost_list[option]
-        self.choice[node] = option
-        self.windows.set_duration(node, opt.time_list[option])
+    def _set(self, options: dict[int, int], changed: dict[int, int]) -> float:
+        """Give each node its option in ``options`` (node: option), remembering each node's first
+        option in ``changed``; the cost they save."""
+        saved = 0.0
+        durations = {}
+        for node, option in options.items():
+            opt = self.options[node]
+            changed.setdefault(node, self.choice[node])
+            saved += opt.cost_list[self.choice[node]] - opt.cost_list[option]
+            self.choice[node] = option
+            durations[node] = opt.time_list[option]
+        self.windows.set_durations(durations)
         return saved
 
     def _try(self, node: int, target: int) -> bool:
@@ -157,15 +162,14 @@ class _Jumps:
         windows = self.windows
         mark = windows.mark()
         changed: dict[int, int] = {}
-        saved = self._set(node, target, changed)
+        saved = self._set({node: target}, changed)
         for _ in range(MAX_REPAIRS):
             if windows.slack(node) >= -self.overrun:
                 break
             faster = self._speedups(node)
             if not faster:
                 break
-            for other, option in faster.items():
-                saved += self._set(other, option, changed)
+            saved += self._set(faster, changed)
         if windows.slack(node) >= -self.overrun:
             saved += self._reclaim(windows.touched_since(mark) - {node}, changed)
             if saved > self.threshold:
@@ -196,7 +200,7 @@ class _Jumps:
             _, other, target = heapq.heappop(moves)
             opt = options[other]
             if opt.cheapest_within((windows.slack(other) + windows.duration[other]) * (1 + _TIGHT)) == target:
-                saved += self._set(other, target, changed)
+                saved += self._set({other: target}, changed)
             else:
                 offer(other)
         return saved
@@ -227,14 +231,8 @@ class _Jumps:
 
     def _cheapest_step(self, node: int, option: int) -> tuple[float, int, int] | None:
         """``(cost per second given back, node, faster option)`` of ``node``'s cheapest step from ``option``."""
-        opt = self.options[node]
-        times, costs = opt.time_list, opt.cost_list
-        best: tuple[float, int, int] | None = None
-        for faster in range(option):
-            rate = (costs[faster] - costs[option]) / (times[option] - times[faster])
-            if best is None or rate < best[0]:
-                best = (rate, node, faster)
-        return best
+        step = self.hulls[node].cheapest_step[option]
+        return None if step is None else (step[0], node, step[1])
 
 
 class _Windows:
@@ -287,22 +285,24 @@ class _Windows:
         self._log.append((values, node, values[node]))
         values[node] = value
 
-    def set_duration(self, node: int, duration: float) -> None:
-        self._write(self.duration, node, duration)
-        self._propagate_starts(node)
-        self._propagate_latest(node)
+    def set_durations(self, durations: dict[int, float]) -> None:
+        """Give each node (a member) its duration in ``durations``, and update the schedules."""
+        for node, duration in durations.items():
+            self._write(self.duration, node, duration)
+        self._propagate_starts(list(durations))
+        self._propagate_latest(list(durations))
 
-    def _propagate_starts(self, node: int) -> None:
-        """Recompute the earliest starts after ``node``'s finish moved, in topological order."""
+    def _propagate_starts(self, nodes: list[int]) -> None:
+        """Recompute the earliest starts after ``nodes``' finishes moved, in topological order."""
         start, duration, rank, order = self.start, self.duration, self.rank, self.order
-        predecessors, successors = self.predecessors, self.successors
-        member = self.member
-        queue = [rank[s] for s in successors[node] if member[s]]
+        predecessors, successors, member = self.predecessors, self.successors, self.member
+        pop, push = heapq.heappop, heapq.heappush
+        queue = [rank[s] for node in nodes for s in successors[node] if member[s]]
         heapq.heapify(queue)
         last = -1
         while queue:
-            position = heapq.heappop(queue)
-            if position == last:
+            position = pop(queue)
+            if position == last:  # queued by two moved predecessors
                 continue
             last = position
             current = order[position]
@@ -311,26 +311,29 @@ class _Windows:
                 self._write(start, current, earliest)
                 for s in successors[current]:
                     if member[s]:
-                        heapq.heappush(queue, rank[s])
+                        push(queue, rank[s])
 
-    def _propagate_latest(self, node: int) -> None:
-        """Recompute the latest starts of ``node`` and, where they moved, of the nodes before it."""
+    def _propagate_latest(self, nodes: list[int]) -> None:
+        """Recompute the latest starts of ``nodes`` and, where they moved, of the nodes before them."""
         latest, duration, rank, order = self.latest, self.duration, self.rank, self.order
         predecessors, successors, member = self.predecessors, self.successors, self.member
-        queue = [-rank[node]]
+        pop, push = heapq.heappop, heapq.heappush
+        deadline = self.deadline
+        queue = [-rank[node] for node in nodes]
+        heapq.heapify(queue)
         last = 1
         while queue:
-            position = heapq.heappop(queue)
+            position = pop(queue)
             if position == last:
                 continue
             last = position
             current = order[-position]
-            value = min([latest[s] for s in successors[current]], default=self.deadline) - duration[current]
+            value = min([latest[s] for s in successors[current]], default=deadline) - duration[current]
             if value != latest[current]:
                 self._write(latest, current, value)
                 for p in predecessors[current]:
                     if member[p]:
-                        heapq.heappush(queue, -rank[p])
+                        push(queue, -rank[p])
 
     def longest_paths_through(self, node: int, tolerance: float) -> tuple[list[int], list[int]]:
         """The nodes on every longest path through ``node``, and those on at least one (``node`` left out)."""
