@@ -27,7 +27,7 @@ from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.planner import MAX_SPACING, Frontier, FrontierPlan, plan_frontier
 from perseus_lightning.core.profile import BACKWARD, BACKWARD_INPUT, BACKWARD_WEIGHT, FORWARD, Profile
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.rounding import RoundingPool
+from perseus_lightning.core.rounding import RoundingJob, RoundingPool
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts, simulate
 from perseus_lightning.core.slack import option_durations, reclaim_slack, reclaim_slack_by_value
 from planning_instances import dag_of, iteration_time, noisy_profile, total_cost
@@ -340,12 +340,13 @@ def test_reclaim_slack_slows_non_critical_instructions_at_zero_slowdown(
 def test_hull_jumps_never_cost_more_and_find_cheaper_plans_where_the_plan_is_far_from_the_bound(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    # JUMP_ABOVE = 0: every deadline gets hull jumps; inf: none does.
+    # JUMP_ABOVE(_AT_T_MIN) = 0: every deadline gets hull jumps; inf: none does.
     profile = noisy_profile(3, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
     dag = dag_of("1f1b", 4, 16)
     plans = {}
     for jump_above in (math.inf, 0.0):
         monkeypatch.setattr(rounding, "JUMP_ABOVE", jump_above)
+        monkeypatch.setattr(rounding, "JUMP_ABOVE_AT_T_MIN", jump_above)
         sweep = planner._Sweep(profile, dag, P2P_POWER)
         t_min = sweep.baseline.iteration_time
         stretches = (1.0, 1.01, 1.03, 1.08)
@@ -354,6 +355,22 @@ def test_hull_jumps_never_cost_more_and_find_cheaper_plans_where_the_plan_is_far
         plans[jump_above] = np.array([p.energy for p in sweep.found])
     assert np.all(plans[0.0] <= plans[math.inf] * (1 + 1e-12))
     assert np.any(plans[0.0] < plans[math.inf] * (1 - 1e-6))
+
+
+def test_the_sweep_rounds_only_the_t_min_deadline_as_zero_slowdown() -> None:
+    profile = noisy_profile(3, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
+    sweep = planner._Sweep(profile, dag_of("1f1b", 4, 8), P2P_POWER)
+    t_min = sweep.baseline.iteration_time
+    seen: list[RoundingJob] = []
+
+    class Recording(RoundingPool):
+        def map(self, jobs):
+            jobs = list(jobs)
+            seen.extend(jobs)
+            return super().map(jobs)
+
+    list(sweep.plan_each(Recording(sweep.rounder), [(t_min, None), (t_min * 1.004, None)]))
+    assert [job.zero_slowdown for job in seen] == [True, False]
 
 
 # --------------------------------------------------------------------------- frontier invariants

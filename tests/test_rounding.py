@@ -75,6 +75,23 @@ def test_plans_just_above_the_bound_get_neighbourhood_search_and_only_get_cheape
         assert round_with.energy(near) < round_with.energy(far) * (1 - 1e-6)
 
 
+def test_the_zero_slowdown_plan_is_held_to_its_tighter_target() -> None:
+    # Told that the LP bound is 0.15 % below its plan, a deadline is within the target for every
+    # plan and is left alone; the zero-slowdown plan, whose target is 0.1 %, gets hull jumps.
+    round_with = rounder()
+    assert rounding.JUMP_ABOVE_AT_T_MIN < 0.0015 < rounding.JUMP_ABOVE
+    gains = []
+    for job in jobs(round_with):
+        plain = round_with.energy(round_with.round(dataclasses.replace(job, lower_bound=None)))
+        told = dataclasses.replace(job, lower_bound=plain / 1.0015)
+        assert round_with.energy(round_with.round(told)) == plain
+        jumped = round_with.round(dataclasses.replace(told, zero_slowdown=True))
+        assert iteration_time(DAG, round_with.options, jumped) <= job.deadline * (1 + 1e-9)
+        assert round_with.energy(jumped) <= plain
+        gains.append(1 - round_with.energy(jumped) / plain)
+    assert max(gains) > 1e-5, gains
+
+
 def test_workers_round_in_other_processes_and_keep_the_jobs_order() -> None:
     base = rounder()
     pid_rounder = PidRounder(base.dag, base.options, base.idle_power, base.periodic)

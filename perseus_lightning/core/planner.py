@@ -11,7 +11,8 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 3. reclaims the slack that rounding left (:mod:`perseus_lightning.core.slack`) in both (and in the
    faster neighbour's plan, when filling a wide gap), each backward and by value, and keeps the
    cheapest (all-max-clock is the starting point only if none of them finishes by the deadline);
-4. where that plan is still more than ``JUMP_ABOVE`` above the LP bound, moves instructions off
+4. where that plan is still more than ``JUMP_ABOVE`` above the LP bound (``JUMP_ABOVE_AT_T_MIN`` at
+   ``T_min``, the targets for every plan and for zero slowdown), moves instructions off
    clocks above their convex hull, one at a time, repairing the deadline around each
    (:mod:`perseus_lightning.core.hull_jumps`), and reclaims the slack left; a plan then within
    ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`).
@@ -309,7 +310,8 @@ class _Sweep:
             starts = [] if seed is None else [self._choices[id(seed)]]
             if self.periodic:
                 starts.append(self.previous)
-            return RoundingJob(deadline, relaxed.durations, relaxed.lower_bound, tuple(starts))
+            zero_slowdown = deadline <= self.baseline.iteration_time * (1 + DEADLINE_TOLERANCE)
+            return RoundingJob(deadline, relaxed.durations, relaxed.lower_bound, tuple(starts), zero_slowdown)
 
         if self.periodic:
             for deadline, seed in requests:

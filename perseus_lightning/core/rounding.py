@@ -42,7 +42,9 @@ log = logging.getLogger(__name__)
 
 JUMP_ABOVE = 0.002
 """Relative gap to the LP bound above which a deadline's best plan gets hull jumps
-(:mod:`perseus_lightning.core.hull_jumps`)."""
+(:mod:`perseus_lightning.core.hull_jumps`): the target for every plan."""
+JUMP_ABOVE_AT_T_MIN = 0.001
+"""The same for the zero-slowdown deadline, ``T_min``: its own, tighter target."""
 ROUNDING_TOLERANCE = 1e-9
 """Relative float noise by which a plan may end past a deadline (or an LP duration) and still count as meeting it."""
 SEARCH_BELOW = 0.003
@@ -64,9 +66,11 @@ class RoundingJob:
     durations: np.ndarray
     """The relaxation's per-node durations at ``deadline``."""
     lower_bound: float | None
-    """The LP bound at ``deadline`` (``None`` for the periodic LP: then no improvement passes)."""
+    """The LP bound at ``deadline`` (``None`` for the periodic LP: then no hull jumps or search)."""
     starts: tuple[np.ndarray, ...] = ()
     """More starting plans (option indices), e.g. a faster neighbour's plan or the previous deadline's."""
+    zero_slowdown: bool = False
+    """Whether ``deadline`` is ``T_min``: the zero-slowdown plan, held to a tighter target (``JUMP_ABOVE_AT_T_MIN``)."""
 
 
 class Rounder:
@@ -94,7 +98,7 @@ class Rounder:
         plan, energy = reclaimed[best], energies[best]
         if self.periodic or job.lower_bound is None:
             return plan
-        if energy > job.lower_bound * (1 + JUMP_ABOVE):
+        if energy > job.lower_bound * (1 + (JUMP_ABOVE_AT_T_MIN if job.zero_slowdown else JUMP_ABOVE)):
             plan, energy = self._jumped(plan, energy, job.deadline)
         if job.lower_bound * (1 + JUMP_ABOVE) < energy <= job.lower_bound * (1 + SEARCH_BELOW):
             return self._searched(plan, energy, job.deadline, job.lower_bound)

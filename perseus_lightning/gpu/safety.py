@@ -214,7 +214,10 @@ class ClockGuard:
         def send_again() -> None:
             reset.wait(self.signal_reset_timeout)
             deferred.sent_again.set()
-            signal.pthread_kill(main_thread, signum)
+            try:
+                signal.pthread_kill(main_thread, signum)
+            except OSError:  # the main thread has ended: so does the process, past the exit hooks
+                return
             if deferred.handled.wait(self.signal_reset_timeout) or self._closed:
                 return
             if self._previous_handlers.get(signal.Signals(signum), signal.SIG_DFL) == signal.SIG_DFL:
