@@ -222,6 +222,20 @@ def test_a_stuck_reset_delays_the_signal_only_so_long(caplog: pytest.LogCaptureF
         guard.close()
 
 
+def test_a_failed_reset_does_not_delay_the_signal(caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+    def deferred(*args: object) -> None:
+        raise AssertionError("a reset that has ended, if failed, is no reason to defer the signal")
+
+    monkeypatch.setattr(ClockGuard, "_defer", deferred)
+    guard = ClockGuard([StuckGPU(fail=True)], watchdog=False)
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)  # acted on in this handler
+        assert "not reset within" in caplog.text and "driver went away" in caplog.text
+    finally:
+        guard.close()
+
+
 def test_reset_failures_never_raise_and_are_logged_once(caplog: pytest.LogCaptureFixture) -> None:
     device = StuckGPU(fail=True)
     with caplog.at_level(logging.WARNING, logger="perseus_lightning.gpu.safety"):

@@ -170,21 +170,21 @@ class ClockGuard:
         previous = self._previous_handlers.get(signal.Signals(signum), signal.SIG_DFL)
         if not self._closed and os.getpid() == self._pid:
             deferred = self._deferred_signals.get(signum)
+            grace = min(SIGNAL_GRACE, self.signal_reset_timeout)
             if deferred is None:
                 reset = _Reset(self)
-                if not reset.wait(min(SIGNAL_GRACE, self.signal_reset_timeout)):
+                if not reset.wait(grace):
                     self._defer(signum, reset)
                     return
-                reset_done = True
+                reset_done = reset.succeeded
             elif not deferred.sent_again.is_set():
                 return  # sent again while its reset runs: the deferred delivery follows
             else:
                 del self._deferred_signals[signum]
                 deferred.handled.set()
-                reset_done = deferred.reset.wait(0) and (
-                    # The code that went on meanwhile may have locked a clock again.
-                    not self._any_clock_locked() or _Reset(self).wait(min(SIGNAL_GRACE, self.signal_reset_timeout))
-                )
+                # The code that went on meanwhile may have locked a clock again.
+                again = _Reset(self) if deferred.reset.succeeded and self._any_clock_locked() else None
+                reset_done = deferred.reset.succeeded and (again is None or (again.wait(grace) and again.succeeded))
             if not reset_done:
                 self._report(
                     f"clocks not reset within {self.signal_reset_timeout} s of signal {signal.Signals(signum).name}; "
@@ -222,7 +222,7 @@ class ClockGuard:
                 return
             if self._previous_handlers.get(signal.Signals(signum), signal.SIG_DFL) == signal.SIG_DFL:
                 self._report(f"the main thread did not act on signal {signal.Signals(signum).name}: killing the process")
-                self._stop_watchdog(disarm=reset.wait(0) and not self._any_clock_locked())
+                self._stop_watchdog(disarm=reset.succeeded and not self._any_clock_locked())
                 os.kill(os.getpid(), signal.SIGKILL)
 
         threading.Thread(target=send_again, name="perseus-deferred-signal", daemon=True).start()
@@ -331,8 +331,13 @@ class _Reset:
         self._ended.set()
 
     def wait(self, seconds: float) -> bool:
-        """Whether the reset ended within ``seconds`` and succeeded."""
-        return self._ended.wait(seconds) and self._succeeded
+        """Whether the reset ended (succeeded or not) within ``seconds``."""
+        return self._ended.wait(seconds)
+
+    @property
+    def succeeded(self) -> bool:
+        """Whether the reset has ended and reset every device."""
+        return self._ended.is_set() and self._succeeded
 
 
 class _DeferredSignal:
