@@ -90,6 +90,18 @@ class InstructionDAG:
         return _adjacency(self.num_nodes, self.edge_sources, self.edge_targets)
 
     @cached_property
+    def topological_rank(self) -> np.ndarray:
+        """Each node's position in :attr:`topological_order`."""
+        rank = np.empty(self.num_nodes, dtype=np.int64)
+        rank[self.topological_order] = np.arange(self.num_nodes)
+        return rank
+
+    def by_start(self, start: np.ndarray) -> np.ndarray:
+        """Nodes by their ``start`` times, ties in topological order: a topological order whenever
+        ``start`` holds a schedule's start times (a successor never starts before its predecessor)."""
+        return np.lexsort((self.topological_rank, start))
+
+    @cached_property
     def levels(self) -> tuple[tuple[np.ndarray, np.ndarray], ...]:
         """Nodes by depth (the most edges on a path from a node without predecessors), each level
         with its nodes' predecessors, one row per node padded with ``num_nodes``. A node's

@@ -27,14 +27,14 @@ to 0.37-0.51 % above the LP bound at 12-96 microbatches (docs/planner.md, sessio
 from __future__ import annotations
 
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.simulator import earliest_schedule, latest_starts
-from perseus_lightning.core.slack import CHEAPER, DEADLINE_TOLERANCE
+from perseus_lightning.core.slack import CHEAPER, DEADLINE_TOLERANCE, option_durations, plan_energy
 
 MAX_PASSES = 2
 """Most passes over the instructions above their hull, each over windows (every other one shifted by
@@ -88,17 +88,14 @@ class _Jumps:
             if id(opt) not in hulls:
                 hulls[id(opt)] = _Hull(opt)
         self.hulls = [hulls[id(opt)] for opt in options]
-        durations = np.array([opt.time_list[k] for opt, k in zip(options, self.choice)])
-        makespan = float(earliest_schedule(dag, durations)[1].max())
-        self.deadline = min(deadline, makespan)
+        _, end = earliest_schedule(dag, option_durations(options, choice))
+        self.deadline = min(deadline, float(end.max()))
         """Moves never lengthen the iteration, so its idle energy never grows."""
         self.tolerance = deadline * _TIGHT
         self.overrun = deadline * DEADLINE_TOLERANCE
-        self.threshold = CHEAPER * (sum(opt.cost_list[k] for opt, k in zip(options, self.choice)) + idle_power * makespan)
+        self.threshold = CHEAPER * plan_energy(options, choice, idle_power, end)
         """Energy (J) a move must save to be kept."""
-        rank = np.empty(dag.num_nodes, dtype=np.int64)
-        rank[dag.topological_order] = np.arange(dag.num_nodes)
-        self.rank: list[int] = rank.tolist()
+        self.rank: list[int] = dag.topological_rank.tolist()
         self.windows: _Windows
         self.failures = [0] * dag.num_nodes
         """Each node's failed moves since a kept move last changed its window."""
@@ -106,7 +103,7 @@ class _Jumps:
     def run(self) -> np.ndarray:
         for number in range(MAX_PASSES):
             kept = 0
-            durations = np.array([opt.time_list[k] for opt, k in zip(self.options, self.choice)])
+            durations = option_durations(self.options, np.array(self.choice))
             self.windows = windows = _Windows(self.dag, durations, self.deadline, self.rank)
             for members in self._windows(WINDOW // 2 if number % 2 else 0):
                 windows.focus(members)
@@ -125,7 +122,7 @@ class _Jumps:
     def _windows(self, offset: int) -> list[list[int]]:
         """Runs of :data:`WINDOW` nodes in the order of their earliest starts (a topological order),
         the first ``offset`` long (when not 0)."""
-        order = np.lexsort((self.rank, self.windows.start)).tolist()
+        order = self.dag.by_start(np.array(self.windows.start)).tolist()
         cuts = [0, *range(offset or WINDOW, len(order), WINDOW), len(order)]
         return [order[a:b] for a, b in zip(cuts, cuts[1:]) if b > a]
 
@@ -236,16 +233,19 @@ class _Jumps:
 
 
 class _Windows:
-    """Every node's earliest start and latest start (for every path to end by ``deadline``), kept
-    up to date as durations change; :meth:`undo` returns to a :meth:`mark`."""
+    """Every node's earliest start, and its latest finish (for every path to end by ``deadline``)
+    as a start in reversed time, kept up to date as durations change; :meth:`undo` returns to a
+    :meth:`mark`. In reversed time the latest schedule is the earliest schedule of the reversed
+    DAG, so one propagation serves both (as in :mod:`perseus_lightning.core.slack`)."""
 
     def __init__(self, dag: InstructionDAG, durations: np.ndarray, deadline: float, rank: list[int]) -> None:
         self.start = earliest_schedule(dag, durations)[0].tolist()
-        self.latest = latest_starts(dag, durations, deadline).tolist()
+        self.reversed_start = (-latest_starts(dag, durations, deadline) - durations).tolist()
+        """Minus each node's latest finish."""
         self.duration = durations.tolist()
-        self.deadline = deadline
         self.successors, self.predecessors = dag.successors, dag.predecessors
         self.rank, self.order = rank, dag.topological_order.tolist()
+        self.reversed_rank, self.reversed_order = [dag.num_nodes - 1 - r for r in rank], self.order[::-1]
         self.member = [False] * dag.num_nodes
         self._members: list[int] = []
         self._log: list[tuple[list[float], int, float]] = []
@@ -254,7 +254,7 @@ class _Windows:
         """Keep ``members`` up to date from now on, and no other nodes. ``members`` are the next
         run of a topological order whose earlier runs were focused on before: their earliest starts
         are recomputed here from their predecessors' (exact, as those came earlier); the latest
-        starts of the nodes after them were never changed, and the nodes before them are not read again."""
+        finishes of the nodes after them were never changed, and the nodes before them are not read again."""
         for node in self._members:
             self.member[node] = False
         self._members = members
@@ -266,7 +266,7 @@ class _Windows:
 
     def slack(self, node: int) -> float:
         """Latest start less earliest start: negative when a path through ``node`` ends past the deadline."""
-        return self.latest[node] - self.start[node]
+        return -self.reversed_start[node] - self.duration[node] - self.start[node]
 
     def mark(self) -> int:
         return len(self._log)
@@ -278,7 +278,7 @@ class _Windows:
             values[node] = value
 
     def touched_since(self, mark: int) -> set[int]:
-        """The nodes whose duration, earliest or latest start changed since ``mark``."""
+        """The nodes whose duration, earliest start or latest finish changed since ``mark``."""
         return {node for _, node, _ in self._log[mark:]}
 
     def _write(self, values: list[float], node: int, value: float) -> None:
@@ -289,67 +289,50 @@ class _Windows:
         """Give each node (a member) its duration in ``durations``, and update the schedules."""
         for node, duration in durations.items():
             self._write(self.duration, node, duration)
-        self._propagate_starts(list(durations))
-        self._propagate_latest(list(durations))
+        self._propagate(list(durations), self.start, self.successors, self.predecessors, self.rank, self.order)
+        self._propagate(
+            list(durations), self.reversed_start, self.predecessors, self.successors, self.reversed_rank, self.reversed_order
+        )
 
-    def _propagate_starts(self, nodes: list[int]) -> None:
-        """Recompute the earliest starts after ``nodes``' finishes moved, in topological order."""
-        start, duration, rank, order = self.start, self.duration, self.rank, self.order
-        predecessors, successors, member = self.predecessors, self.successors, self.member
+    def _propagate(
+        self,
+        nodes: list[int],
+        start: list[float],
+        after: Sequence[Sequence[int]],
+        before: Sequence[Sequence[int]],
+        rank: list[int],
+        order: list[int],
+    ) -> None:
+        """Recompute the ``start`` of every member ``after`` ``nodes``, whose finishes moved, in
+        the topological ``order`` of that direction of time (``rank``: each node's position in it)."""
+        duration, member = self.duration, self.member
         pop, push = heapq.heappop, heapq.heappush
-        queue = [rank[s] for node in nodes for s in successors[node] if member[s]]
+        queue = [rank[n] for node in nodes for n in after[node] if member[n]]
         heapq.heapify(queue)
         last = -1
         while queue:
             position = pop(queue)
-            if position == last:  # queued by two moved predecessors
+            if position == last:  # queued by two moved nodes before it
                 continue
             last = position
             current = order[position]
-            earliest = max([start[p] + duration[p] for p in predecessors[current]])
+            earliest = max([start[p] + duration[p] for p in before[current]])
             if earliest != start[current]:
                 self._write(start, current, earliest)
-                for s in successors[current]:
-                    if member[s]:
-                        push(queue, rank[s])
-
-    def _propagate_latest(self, nodes: list[int]) -> None:
-        """Recompute the latest starts of ``nodes`` and, where they moved, of the nodes before them."""
-        latest, duration, rank, order = self.latest, self.duration, self.rank, self.order
-        predecessors, successors, member = self.predecessors, self.successors, self.member
-        pop, push = heapq.heappop, heapq.heappush
-        deadline = self.deadline
-        queue = [-rank[node] for node in nodes]
-        heapq.heapify(queue)
-        last = 1
-        while queue:
-            position = pop(queue)
-            if position == last:
-                continue
-            last = position
-            current = order[-position]
-            value = min([latest[s] for s in successors[current]], default=deadline) - duration[current]
-            if value != latest[current]:
-                self._write(latest, current, value)
-                for p in predecessors[current]:
-                    if member[p]:
-                        push(queue, -rank[p])
+                for n in after[current]:
+                    if member[n]:
+                        push(queue, rank[n])
 
     def longest_paths_through(self, node: int, tolerance: float) -> tuple[list[int], list[int]]:
         """The nodes on every longest path through ``node``, and those on at least one (``node`` left out)."""
-        start, latest, duration, member = self.start, self.latest, self.duration, self.member
-        rank = self.rank
-        before = _paths(  # predecessors whose finish sets the start
-            node,
-            lambda c: [p for p in self.predecessors[c] if member[p] and start[p] + duration[p] >= start[c] - tolerance],
-            lambda n: -rank[n],
-        )
-        after = _paths(  # successors whose latest start sets the latest finish
-            node,
-            lambda c: [s for s in self.successors[c] if member[s] and latest[s] <= latest[c] + duration[c] + tolerance],
-            rank.__getitem__,
-        )
+        before = _paths(node, self._setting(self.start, self.predecessors, tolerance), self.reversed_rank.__getitem__)
+        after = _paths(node, self._setting(self.reversed_start, self.successors, tolerance), self.rank.__getitem__)
         return before[0] + after[0], before[1] + after[1]
+
+    def _setting(self, start: list[float], before: Sequence[Sequence[int]], tolerance: float) -> Callable[[int], list[int]]:
+        """For a node, the members ``before`` it whose finish sets its ``start`` (in that direction of time)."""
+        duration, member = self.duration, self.member
+        return lambda c: [p for p in before[c] if member[p] and start[p] + duration[p] >= start[c] - tolerance]
 
 
 def _paths(node: int, next_nodes: Callable[[int], list[int]], order_key: Callable[[int], int]) -> tuple[list[int], list[int]]:

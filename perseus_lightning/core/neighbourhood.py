@@ -50,9 +50,7 @@ def search_neighbourhood(
     durations = option_durations(options, choice)
     start, end = earliest_schedule(dag, durations)
     energy = plan_energy(options, choice, idle_power, end)
-    rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)
-    rank_in_topology[dag.topological_order] = np.arange(dag.num_nodes)
-    order = np.lexsort((rank_in_topology, start)).tolist()
+    order = dag.by_start(start).tolist()
     latest = latest_starts(dag, durations, deadline)
     firsts = [0, *range(offset, len(order), window)] if offset else list(range(0, len(order), window))
     for first, stop in zip(firsts, [*firsts[1:], len(order)]):

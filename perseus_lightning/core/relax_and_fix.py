@@ -87,9 +87,7 @@ def _fix_windows(
     start, end = earliest_schedule(dag, snapped)
     horizon = max(deadline, float(end.max()))
     latest = latest_starts(dag, current, horizon).tolist()
-    rank_in_topology = np.empty(dag.num_nodes, dtype=np.int64)
-    rank_in_topology[dag.topological_order] = np.arange(dag.num_nodes)
-    order = np.lexsort((rank_in_topology, start))  # a topological order, by the LP's start times
+    order = dag.by_start(start)  # a topological order, by the LP's start times
     position = np.empty(dag.num_nodes, dtype=np.int64)
     position[order] = np.arange(dag.num_nodes)
     fractional = sorted(brackets, key=lambda node: position[node])

@@ -108,8 +108,7 @@ class _SlackByValue:
         self.start, self.finish = start.tolist(), (start + durations).tolist()
         self.reversed_start, self.reversed_finish = (-latest_start - durations).tolist(), (-latest_start).tolist()
         order = dag.topological_order.tolist()
-        rank = np.empty(dag.num_nodes, dtype=np.int64)
-        rank[order] = np.arange(dag.num_nodes)
+        rank = dag.topological_rank
         self.rank, self.order = rank.tolist(), order
         self.reversed_rank, self.reversed_order = (dag.num_nodes - 1 - rank).tolist(), order[::-1]
         self.version = [0] * dag.num_nodes
