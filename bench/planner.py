@@ -7,6 +7,9 @@ Needs ../shared/data/stage_profiles (third-party data, not shipped). Columns:
   processes as `perseus plan` takes by default (the CPUs available; --workers to change);
 - saving @0: energy saving of the zero-slowdown plan against every instruction at max clock;
 - gap @0: that plan's energy above the LP lower bound at the same deadline (T_min);
+- bound @0: how far above that LP bound every zero-slowdown plan must be, proven by the LP
+  strengthened with what cannot fit at T_min (core/strengthened_bound.py): a zero-slowdown target
+  below it is out of any planner's reach;
 - max gap: the largest gap of any plan, against the LP bound at the plan's own iteration time;
 - spacing: the largest distance between neighbouring plans, in % of T_min;
 - lowtime 0.3.0 (when installed, up to --lowtime-max microbatches): wall time, saving of its
@@ -38,20 +41,25 @@ from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.rounding import available_cpus
 from perseus_lightning.core.schedules import build_schedule
+from perseus_lightning.core.strengthened_bound import strengthened_lower_bound
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "stage_profiles"
 PROFILES = (("A100", "gpt3-175b+a100_sxm_bf16.csv", 83.64, 27.0), ("A40", "gpt3-175b+a40_bf16.csv", 70.38, 23.6))
 STAGES = 8
 
 
-def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float, float]:
-    """(gap at zero slowdown, largest gap at each plan's own time, largest spacing / T_min)."""
+def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float, float, float]:
+    """(gap at zero slowdown, the proven least such gap, largest gap at each plan's own time,
+    largest spacing / T_min)."""
     dag = frontier.dag
-    relaxation = HullRelaxation(dag, clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), frontier.p2p_power), frontier.p2p_power)
-    gaps = [p.energy / relaxation.solve(p.iteration_time).lower_bound - 1 for p in frontier.plans]
+    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), frontier.p2p_power)
+    relaxation = HullRelaxation(dag, options, frontier.p2p_power)
+    bounds = [relaxation.solve(p.iteration_time).lower_bound for p in frontier.plans]
+    gaps = [p.energy / bound - 1 for p, bound in zip(frontier.plans, bounds)]
+    least = strengthened_lower_bound(dag, options, frontier.p2p_power, frontier.fastest.iteration_time) / bounds[0] - 1
     times = [p.iteration_time for p in frontier.plans]
     spacing = max(np.diff(times), default=0.0) / frontier.baseline_time
-    return gaps[0], max(gaps), spacing
+    return gaps[0], least, max(gaps), spacing
 
 
 def lowtime_columns(path: Path, microbatches: int, p2p_power: float, baseline: tuple[float, float], limit: int) -> list[str]:
@@ -79,7 +87,7 @@ def main() -> None:
     console = Console(width=160)
 
     table = Table(title=f"Frontier planner, GPT-3 175B, {STAGES} stages, synchronous 1F1B, {args.workers} worker(s)")
-    for column in ("GPU", "mb", "plans", "planner s", "saving @0", "gap @0", "max gap", "spacing",
+    for column in ("GPU", "mb", "plans", "planner s", "saving @0", "gap @0", "bound @0", "max gap", "spacing",
                    "lowtime s", "lowtime saving", "lowtime slowdown"):
         table.add_column(column, justify="right")
     frontiers: dict[str, tuple[Frontier, Profile]] = {}
@@ -90,11 +98,11 @@ def main() -> None:
             started = time.perf_counter()
             frontier = plan_frontier(profile, dag, power, workers=args.workers)
             elapsed = time.perf_counter() - started
-            gap0, max_gap, spacing = frontier_quality(frontier, profile)
+            gap0, least_gap0, max_gap, spacing = frontier_quality(frontier, profile)
             saving = 1 - frontier.fastest.energy / frontier.baseline_energy
             lowtime = lowtime_columns(DATA / name, m, power, (frontier.baseline_time, frontier.baseline_energy), args.lowtime_max)
             table.add_row(gpu, str(m), str(len(frontier.plans)), f"{elapsed:.2f}", f"{100 * saving:.2f} %",
-                          f"{100 * gap0:.3f} %", f"{100 * max_gap:.3f} %", f"{100 * spacing:.2f} %", *lowtime)
+                          f"{100 * gap0:.3f} %", f"{100 * least_gap0:.3f} %", f"{100 * max_gap:.3f} %", f"{100 * spacing:.2f} %", *lowtime)
             frontiers[f"{gpu}-{m}"] = (frontier, profile)
     console.print(table)
 

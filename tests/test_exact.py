@@ -82,20 +82,3 @@ def test_large_pipelines_skip_the_milp_and_zero_seconds_disables_it() -> None:
     assert exact.fastest.energy <= heuristic.fastest.energy * (1 + 1e-12)
     with pytest.raises(PlanError, match="exact_seconds is -1.*Fix"):
         plan_frontier(profile, small, P2P_POWER, exact_seconds=-1)
-
-
-def test_the_reference_benchmark_leaves_out_only_clocks_that_no_plan_can_use() -> None:
-    from bench.milp_reference import fitting_options
-
-    profile, dag = TINY_INSTANCES["noisy-3x2"]
-    options = clock_options(dag, profile, P2P_POWER)
-    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
-    truth = brute_force(profile, dag)
-    for deadline in (t_min, 1.02 * t_min, 1.1 * t_min):
-        fitting = fitting_options(dag, options, deadline)
-        assert all(len(kept.time) <= len(opt.time) for kept, opt in zip(fitting, options))
-        if deadline == t_min:
-            assert sum(len(kept.time) for kept in fitting) < sum(len(opt.time) for opt in options)
-        solution = ExactPlanner(dag, fitting, P2P_POWER).solve(deadline, fastest)
-        assert solution.lower_bound == pytest.approx(truth.optimum(deadline), rel=1e-9)

@@ -138,5 +138,21 @@ class HullRelaxation(SegmentLP):
     """
 
     def __init__(self, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float) -> None:
-        hulls = [opt.lower_hull() for opt in options]
-        self._load(hulls, np.ones(dag.num_nodes), dag.edge_sources, dag.edge_targets, dag.sinks, p2p_power * dag.num_ranks)
+        self._hulls = [opt.lower_hull() for opt in options]
+        self._load(self._hulls, np.ones(dag.num_nodes), dag.edge_sources, dag.edge_targets, dag.sinks, p2p_power * dag.num_ranks)
+
+    def add_cost_floor(self, nodes: list[int], floor: float) -> None:
+        """Add a row: the summed hull cost of ``nodes`` is at least ``floor`` (J). A valid cut when
+        every plan finishing by the deadlines solved for spends at least ``floor`` on them."""
+        import highspy
+
+        columns, slopes = [], []
+        constant = 0.0
+        for node in nodes:
+            time, cost = self._hulls[node]
+            first = self._first_segment_col + int(self._offsets[node])
+            columns.append(np.arange(first, first + len(time) - 1, dtype=np.int32))
+            slopes.append(np.diff(cost) / np.diff(time))
+            constant += float(cost[0])
+        index = np.concatenate(columns)
+        self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, np.concatenate(slopes))

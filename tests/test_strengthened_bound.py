@@ -1,0 +1,100 @@
+"""The strengthened lower bound: never above any plan's energy, never below the LP bound, and tight
+where a rank's pairs of instructions cannot fill the window that a pinned rank leaves them."""
+
+from __future__ import annotations
+
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from perseus_lightning.core.dag import InstructionDAG
+from perseus_lightning.core.errors import PlanError
+from perseus_lightning.core.exact import ExactPlanner
+from perseus_lightning.core.options import ClockOptions, clock_options
+from perseus_lightning.core.planner import plan_frontier
+from perseus_lightning.core.profile import Profile
+from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.simulator import earliest_schedule
+from perseus_lightning.core.slack import option_durations
+from perseus_lightning.core.strengthened_bound import fitting_options, strengthened_lower_bound
+from test_planner import P2P_POWER, TINY_INSTANCES, BruteForce, brute_force, dag_of, smooth_profile
+
+NOISY = ["noisy-2x2", "noisy-3x2"]
+"""The tiny instances with non-convex profiles (on the smooth one the bound is the LP's at most deadlines)."""
+DEADLINES = (1.0, 1.005, 1.01, 1.02, 1.05, 1.1, 1.2)
+"""Multiples of T_min."""
+
+
+def t_min(dag: InstructionDAG, options: list[ClockOptions]) -> float:
+    return float(earliest_schedule(dag, option_durations(options, np.zeros(dag.num_nodes, dtype=np.int64)))[1].max())
+
+
+@cache
+def truth(name: str) -> BruteForce:
+    """Every plan of the tiny instance ``name`` (a few seconds each, so once per module)."""
+    return brute_force(*TINY_INSTANCES[name])
+
+
+@pytest.mark.parametrize("name", NOISY)
+def test_no_plan_beats_the_bound_and_the_bound_beats_the_lp(name: str) -> None:
+    profile, dag = TINY_INSTANCES[name]
+    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER)
+    relaxation = HullRelaxation(dag, options, P2P_POWER)
+    for multiple in DEADLINES:
+        deadline = multiple * t_min(dag, options)
+        bound = strengthened_lower_bound(dag, options, P2P_POWER, deadline)
+        assert relaxation.solve(deadline).lower_bound <= bound * (1 + 1e-9)
+        assert bound <= truth(name).optimum(deadline) * (1 + 1e-9)
+
+
+def test_pairs_that_cannot_fill_their_window_raise_the_bound_to_the_optimum() -> None:
+    # Rank 1 is the slower: at T_min it is critical, and every steady-state backward of rank 0 and
+    # its next forward share the window of one rank-1 forward-backward pair, which no pair of
+    # rank 0's three clocks fills. Removing clocks that cannot fit changes nothing here.
+    profile = smooth_profile((1110, 1260, 1410), [(0.037, 0.075), (0.04, 0.08)])
+    dag = dag_of("1f1b", 2, 6)
+    options = clock_options(dag, profile, P2P_POWER)
+    deadline = t_min(dag, options)
+    lp = HullRelaxation(dag, options, P2P_POWER).solve(deadline).lower_bound
+    fitting = HullRelaxation(dag, fitting_options(dag, options, deadline), P2P_POWER).solve(deadline).lower_bound
+    optimum = ExactPlanner(dag, options, P2P_POWER).solve(deadline, np.zeros(dag.num_nodes, dtype=np.int64))
+    assert optimum.optimal
+    bound = strengthened_lower_bound(dag, options, P2P_POWER, deadline)
+    assert fitting == pytest.approx(lp, rel=1e-9)
+    assert bound > lp * (1 + 1e-3)
+    assert bound == pytest.approx(optimum.lower_bound, rel=1e-9)
+
+
+def test_only_options_that_no_plan_can_use_are_left_out() -> None:
+    profile, dag = TINY_INSTANCES["noisy-3x2"]
+    options = clock_options(dag, profile, P2P_POWER)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    for multiple in (1.0, 1.02, 1.1):
+        deadline = multiple * t_min(dag, options)
+        fitting = fitting_options(dag, options, deadline)
+        for kept, opt in zip(fitting, options):  # a prefix: option indices keep their meaning
+            assert np.array_equal(kept.time, opt.time[: len(kept.time)])
+        if multiple == 1.0:
+            assert sum(len(kept.time) for kept in fitting) < sum(len(opt.time) for opt in options)
+        solution = ExactPlanner(dag, fitting, P2P_POWER).solve(deadline, fastest)
+        assert solution.lower_bound == pytest.approx(truth("noisy-3x2").optimum(deadline), rel=1e-9)
+
+
+def test_a_deadline_below_t_min_is_refused_with_a_fix() -> None:
+    profile, dag = TINY_INSTANCES["noisy-2x2"]
+    options = clock_options(dag, profile, P2P_POWER)
+    with pytest.raises(PlanError, match=r"below the all-max-clock iteration time.*Fix: pass a deadline of at least T_min"):
+        strengthened_lower_bound(dag, options, P2P_POWER, 0.99 * t_min(dag, options))
+
+
+def test_on_the_measured_a100_profile_the_zero_slowdown_plan_respects_the_tighter_bound(shared_profile_path: Path) -> None:
+    profile, dag = Profile.load(shared_profile_path), dag_of("1f1b", 8, 12)
+    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER)
+    frontier = plan_frontier(profile, dag, P2P_POWER)
+    deadline = frontier.fastest.iteration_time
+    lp = HullRelaxation(dag, options, P2P_POWER).solve(deadline).lower_bound
+    bound = strengthened_lower_bound(dag, options, P2P_POWER, deadline)
+    assert bound > lp * (1 + 1e-4)  # 0.016 % (docs/planner.md)
+    assert frontier.fastest.energy >= bound
