@@ -13,7 +13,7 @@ from perseus_lightning.core.options import clock_options, frequency_plan
 from perseus_lightning.core.planner import plan_frontier
 from perseus_lightning.core.simulator import earliest_schedule, simulate
 from perseus_lightning.core.slack import option_durations
-from test_planner import P2P_POWER, TINY, TINY_INSTANCES, brute_force, dag_of, smooth_profile
+from test_planner import P2P_POWER, TINY, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
 
 
 @pytest.mark.parametrize("name", TINY)
@@ -21,7 +21,7 @@ def test_milp_matches_brute_force_at_every_deadline(name: str) -> None:
     profile, dag = TINY_INSTANCES[name]
     stage_profile = profile.for_stages(dag.schedule.stage_ranks)
     options = clock_options(dag, stage_profile, P2P_POWER)
-    truth = brute_force(profile, dag)
+    truth = tiny_brute_force(name)
     fastest = np.zeros(dag.num_nodes, dtype=np.int64)
     t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
     for formulation in ("choice", "incremental"):
@@ -67,7 +67,7 @@ def test_the_planners_zero_slowdown_plan_is_optimal_on_small_pipelines() -> None
     for name in TINY:
         profile, dag = TINY_INSTANCES[name]
         frontier = plan_frontier(profile, dag, P2P_POWER, exact_seconds=math.inf)
-        assert frontier.fastest.energy == pytest.approx(brute_force(profile, dag).optimum(frontier.baseline_time), rel=1e-9)
+        assert frontier.fastest.energy == pytest.approx(tiny_brute_force(name).optimum(frontier.baseline_time), rel=1e-9)
 
 
 def test_large_pipelines_skip_the_milp_and_zero_seconds_disables_it() -> None:

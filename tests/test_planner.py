@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import functools
 import itertools
 import json
 import math
@@ -98,12 +99,18 @@ TINY_INSTANCES: dict[str, tuple[Profile, InstructionDAG]] = {
 TINY = list(TINY_INSTANCES)
 
 
+@functools.cache
+def tiny_brute_force(name: str) -> BruteForce:
+    """:func:`brute_force` of ``TINY_INSTANCES[name]``, once per test session (seconds each)."""
+    return brute_force(*TINY_INSTANCES[name])
+
+
 @pytest.fixture(scope="module")
 def tiny(request: pytest.FixtureRequest) -> TinyInstance:
     profile, dag = TINY_INSTANCES[request.param]
     relaxation = HullRelaxation(dag, clock_options(dag, profile, P2P_POWER), P2P_POWER)
     frontier = plan_frontier(profile, dag, P2P_POWER, exact_seconds=math.inf)
-    return TinyInstance(profile, dag, brute_force(profile, dag), relaxation, frontier)
+    return TinyInstance(profile, dag, tiny_brute_force(request.param), relaxation, frontier)
 
 
 # --------------------------------------------------------------------------- ClockOptions

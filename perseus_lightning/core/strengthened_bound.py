@@ -8,15 +8,15 @@ fastest option:
 1. **Options that cannot fit.** An instruction starts no earlier than in the all-fastest schedule
    and ends no later than that schedule's latest finish at the deadline, so an option slower than
    that window is in no plan (:func:`fitting_options`). The hull of the rest can lie higher.
-2. **Pairs that cannot fill their window.** Two consecutive instructions of a rank share that
-   window too, from the first's earliest start to the second's latest finish. Their summed cost is
-   at least the cheapest pair of options that fits it, where the hulls may price a pair of
-   durations between options below it. At ``T_min``, a rank beside the critical one has such a
-   window once per steady-state period of 1F1B (the pinned rank's backward end to its next
-   forward's start).
+2. **Pairs that cannot fill their window.** Two instructions joined by an edge of the DAG (one
+   after the other on a rank, or a data dependency) share such a window too, from the first's
+   earliest start to the second's latest finish. Their summed cost is at least the cheapest pair
+   of options that fits it, where the hulls may price a pair of durations between options below
+   it. At ``T_min``, a rank beside the critical one has such a window once per steady-state period
+   of 1F1B (the pinned rank's backward end to its next forward's start).
 
 :func:`strengthened_lower_bound` solves the LP over the fitting options' hulls with one row per
-pair, its summed hull cost at least that floor. It is still a lower bound: any plan's durations,
+edge, its pair's summed hull cost at least that floor. It is still a lower bound: any plan's durations,
 each shortened until its hull cost equals the cost of the option it runs, satisfy every row and
 keep every path within the deadline, at the plan's own energy. It proves what no planner can reach;
 the planner itself keeps the plain LP, against which the project's targets are set
@@ -41,7 +41,10 @@ def fitting_options(dag: InstructionDAG, options: list[ClockOptions], deadline: 
     """Each node's options that fit its window at ``deadline`` (from its earliest start to its latest
     finish with every node at its fastest option): a prefix of its own, so option indices keep
     their meaning. No plan finishing by ``deadline`` uses an option left out."""
-    earliest, latest_finish = _windows(dag, options, deadline)
+    return _fitting(options, *_windows(dag, options, deadline))
+
+
+def _fitting(options: list[ClockOptions], earliest: np.ndarray, latest_finish: np.ndarray) -> list[ClockOptions]:
     kept: dict[tuple[int, int], ClockOptions] = {}
     result = []
     for opt, window in zip(options, (latest_finish - earliest).tolist()):
@@ -55,16 +58,15 @@ def fitting_options(dag: InstructionDAG, options: list[ClockOptions], deadline: 
 
 def strengthened_lower_bound(dag: InstructionDAG, options: list[ClockOptions], p2p_power: float, deadline: float) -> float:
     """Energy (J) that no plan finishing by ``deadline`` can beat: the LP bound over the options
-    that fit, with each pair of consecutive instructions of a rank costing at least the cheapest
-    pair of options that fits their shared window. At least the plain LP bound at ``deadline``."""
-    fitting = fitting_options(dag, options, deadline)
+    that fit, with the two instructions of each edge costing at least the cheapest pair of options
+    that fits their shared window. At least the plain LP bound at ``deadline`` (up to the LP's
+    tolerances)."""
     earliest, latest_finish = _windows(dag, options, deadline)
+    fitting = _fitting(options, earliest, latest_finish)
     relaxation = HullRelaxation(dag, fitting, p2p_power)
-    for rank in range(dag.num_ranks):
-        nodes = dag.rank_nodes(rank)
-        for first, second in zip(nodes, nodes[1:]):
-            window = latest_finish[second] - earliest[first]
-            relaxation.add_cost_floor([first, second], _cheapest_pair(fitting[first], fitting[second], window))
+    for first, second in zip(dag.edge_sources.tolist(), dag.edge_targets.tolist()):
+        window = latest_finish[second] - earliest[first]
+        relaxation.add_cost_floor([first, second], _cheapest_pair(fitting[first], fitting[second], window))
     return float(relaxation.solve(deadline).lower_bound)
 
 
@@ -76,8 +78,8 @@ def _windows(dag: InstructionDAG, options: list[ClockOptions], deadline: float) 
     t_min = float(end.max())
     if deadline < t_min * (1 - FIT_TOLERANCE):
         raise PlanError(
-            f"deadline {deadline:.6g} s is below the all-max-clock iteration time {t_min:.6g} s: no plan "
-            "finishes by it. Fix: pass a deadline of at least T_min (Frontier.baseline_time)."
+            f"deadline {deadline:.6g} s is below the iteration time with every instruction at its fastest clock, "
+            f"{t_min:.6g} s: no plan finishes by it. Fix: pass a deadline of at least that (T_min)."
         )
     return earliest, latest_starts(dag, fastest, deadline) + fastest + FIT_TOLERANCE * deadline
 
