@@ -17,7 +17,7 @@ from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.strengthened_bound import fitting_options, strengthened_lower_bound
 from planning_instances import iteration_time
-from test_planner import P2P_POWER, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
+from test_planner import P2P_POWER, SYNTHETIC_SHAPES, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
 
 NOISY = ["noisy-2x2", "noisy-3x2"]
 """The tiny instances with non-convex profiles (on the smooth one the bound is the LP's at most deadlines)."""
@@ -58,6 +58,18 @@ def test_pairs_that_cannot_fill_their_window_raise_the_bound_to_the_optimum() ->
     assert fitting == pytest.approx(lp, rel=1e-9)
     assert bound > lp * (1 + 1e-3)
     assert bound == pytest.approx(optimum.lower_bound, rel=1e-9)
+
+
+@pytest.mark.parametrize("shape", ["noisy-gpipe-3x6", "smooth-interleaved-4x8", "noisy-zero-bubble-4x8"])
+def test_no_frontier_plan_of_any_schedule_beats_the_bound_at_its_own_time(shape: str) -> None:
+    profile, dag = SYNTHETIC_SHAPES[shape]
+    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER)
+    frontier = plan_frontier(profile, dag, P2P_POWER, exact_seconds=0)
+    for plan in frontier.plans:
+        assert strengthened_lower_bound(dag, options, P2P_POWER, plan.iteration_time) <= plan.energy * (1 + 1e-9)
+    zero_slowdown = frontier.fastest.iteration_time
+    lp = HullRelaxation(dag, options, P2P_POWER).solve(zero_slowdown).lower_bound
+    assert strengthened_lower_bound(dag, options, P2P_POWER, zero_slowdown) >= lp * (1 - 1e-9)
 
 
 def test_only_options_that_no_plan_can_use_are_left_out() -> None:
