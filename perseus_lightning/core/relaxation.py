@@ -41,6 +41,10 @@ class SegmentLP:
     """Whether the optimum is a lower bound on every plan's energy (not for restrictions)."""
     _solver: Any
     _fastest: np.ndarray
+    _segment_costs: np.ndarray
+    """Each segment column's cost per second (its hull slope, times its node's copies)."""
+    _fastest_costs: list[float]
+    """Each node's cost at its fastest time (times its copies): the constant part of its cost."""
     _offsets: np.ndarray
     _first_segment_col: int
     _deadline_col: int
@@ -82,6 +86,8 @@ class SegmentLP:
         self._fastest = np.array([t[0] for t, _ in hulls])
         lengths = [np.diff(t) for t, _ in hulls]
         slopes = [k * np.diff(c) / np.diff(t) for k, (t, c) in zip(copies.tolist(), hulls)]
+        self._segment_costs = np.concatenate(slopes)
+        self._fastest_costs = [k * float(c[0]) for k, (_, c) in zip(copies.tolist(), hulls)]
         self._offsets = np.concatenate([[0], np.cumsum([len(x) for x in lengths])])
         segments = int(self._offsets[-1])
         self._first_segment_col = m
@@ -97,12 +103,12 @@ class SegmentLP:
         inf = highspy.kHighsInf
         lp = highspy.HighsLp()
         lp.num_col_, lp.num_row_ = self._deadline_col + 1, len(tails)
-        lp.col_cost_ = np.concatenate([np.zeros(m), *slopes, period, [idle_power]])
+        lp.col_cost_ = np.concatenate([np.zeros(m), self._segment_costs, period, [idle_power]])
         lp.col_lower_ = np.zeros(lp.num_col_)
         lp.col_upper_ = np.concatenate([np.full(m, inf), *lengths, [inf] * len(period), [inf]])
         lp.row_lower_ = np.full(lp.num_row_, -inf)
         lp.row_upper_ = -self._fastest[tails]  # the fastest time is the duration's constant part
-        lp.offset_ = float(sum(k * c[0] for k, (_, c) in zip(copies.tolist(), hulls)))
+        lp.offset_ = float(sum(self._fastest_costs))
         self._solver = load_model(lp, rows, cols, vals)
 
     def _run(self, lower: float, upper: float) -> bool:
@@ -138,21 +144,16 @@ class HullRelaxation(SegmentLP):
     """
 
     def __init__(self, dag: InstructionDAG, options: list[ClockOptions], p2p_power: float) -> None:
-        self._hulls = [opt.lower_hull() for opt in options]
-        self._load(self._hulls, np.ones(dag.num_nodes), dag.edge_sources, dag.edge_targets, dag.sinks, p2p_power * dag.num_ranks)
+        hulls = [opt.lower_hull() for opt in options]
+        self._load(hulls, np.ones(dag.num_nodes), dag.edge_sources, dag.edge_targets, dag.sinks, p2p_power * dag.num_ranks)
 
     def add_cost_floor(self, nodes: list[int], floor: float) -> None:
         """Add a row: the summed hull cost of ``nodes`` is at least ``floor`` (J). A valid cut when
         every plan finishing by the deadlines solved for spends at least ``floor`` on them."""
         import highspy
 
-        columns, slopes = [], []
-        constant = 0.0
-        for node in nodes:
-            time, cost = self._hulls[node]
-            first = self._first_segment_col + int(self._offsets[node])
-            columns.append(np.arange(first, first + len(time) - 1, dtype=np.int32))
-            slopes.append(np.diff(cost) / np.diff(time))
-            constant += float(cost[0])
-        index = np.concatenate(columns)
-        self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, np.concatenate(slopes))
+        first = self._first_segment_col
+        columns = np.concatenate([np.arange(first + self._offsets[n], first + self._offsets[n + 1]) for n in nodes])
+        constant = sum(self._fastest_costs[n] for n in nodes)
+        index = columns.astype(np.int32)
+        self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, self._segment_costs[columns - first])
