@@ -27,6 +27,7 @@ to 0.37-0.51 % above the LP bound at 12-96 microbatches (docs/planner.md, sessio
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -183,9 +184,12 @@ class _Jumps:
         windows, choice, options = self.windows, self.choice, self.options
         moves: list[tuple[float, int, int]] = []
 
+        def fitting(other: int) -> int:  # the cheapest option that fits the window: slack plus duration
+            return options[other].cheapest_within((-windows.reversed_start[other] - windows.start[other]) * (1 + _TIGHT))
+
         def offer(other: int) -> None:
             opt, current = options[other], choice[other]
-            target = opt.cheapest_within((windows.slack(other) + windows.duration[other]) * (1 + _TIGHT))
+            target = fitting(other)
             if target > current:
                 value = (opt.cost_list[current] - opt.cost_list[target]) / (opt.time_list[target] - opt.time_list[current])
                 heapq.heappush(moves, (-value, other, target))
@@ -195,8 +199,7 @@ class _Jumps:
         saved = 0.0
         while moves:
             _, other, target = heapq.heappop(moves)
-            opt = options[other]
-            if opt.cheapest_within((windows.slack(other) + windows.duration[other]) * (1 + _TIGHT)) == target:
+            if fitting(other) == target:
                 saved += self._set({other: target}, changed)
             else:
                 offer(other)
@@ -273,9 +276,9 @@ class _Windows:
 
     def undo(self, mark: int) -> None:
         log = self._log
-        while len(log) > mark:
-            values, node, value = log.pop()
+        for values, node, value in reversed(log[mark:]):
             values[node] = value
+        del log[mark:]
 
     def touched_since(self, mark: int) -> set[int]:
         """The nodes whose duration, earliest start or latest finish changed since ``mark``."""
@@ -305,7 +308,7 @@ class _Windows:
     ) -> None:
         """Recompute the ``start`` of every member ``after`` ``nodes``, whose finishes moved, in
         the topological ``order`` of that direction of time (``rank``: each node's position in it)."""
-        duration, member = self.duration, self.member
+        duration, member, log = self.duration, self.member, self._log
         pop, push = heapq.heappop, heapq.heappush
         queue = [rank[n] for node in nodes for n in after[node] if member[n]]
         heapq.heapify(queue)
@@ -316,9 +319,14 @@ class _Windows:
                 continue
             last = position
             current = order[position]
-            earliest = max([start[p] + duration[p] for p in before[current]])
+            earliest = -math.inf
+            for p in before[current]:
+                finish = start[p] + duration[p]
+                if finish > earliest:
+                    earliest = finish
             if earliest != start[current]:
-                self._write(start, current, earliest)
+                log.append((start, current, start[current]))  # as _write, inlined on this hot path
+                start[current] = earliest
                 for n in after[current]:
                     if member[n]:
                         push(queue, rank[n])
@@ -354,6 +362,9 @@ def _paths(node: int, next_nodes: Callable[[int], list[int]], order_key: Callabl
             near[other] += near[current]
     far: dict[int, int] = {}
     for current in reversed(order):
-        far[current] = sum(far[other] for other in links[current]) if links[current] else 1
+        count = 0
+        for other in links[current]:
+            count += far[other]
+        far[current] = count or 1  # a node with no next nodes ends one path
     total = far[node]
     return [n for n in order[1:] if near[n] * far[n] == total], order[1:]
