@@ -201,7 +201,10 @@ class _SlackByValue:
                 continue
             last = position
             current = order[position]
-            earliest = max([finish[p] for p in before[current]])
+            earliest = start[current]
+            for p in before[current]:
+                if finish[p] > earliest:
+                    earliest = finish[p]
             if earliest > start[current]:
                 start[current], finish[current] = earliest, earliest + duration[current]
                 delayed.append(current)
