@@ -152,8 +152,7 @@ class HullRelaxation(SegmentLP):
         every plan finishing by the deadlines solved for spends at least ``floor`` on them."""
         import highspy
 
-        first = self._first_segment_col
-        columns = np.concatenate([np.arange(first + self._offsets[n], first + self._offsets[n + 1]) for n in nodes])
+        segments = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in nodes])
         constant = sum(self._fastest_costs[n] for n in nodes)
-        index = columns.astype(np.int32)
-        self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, self._segment_costs[columns - first])
+        index = (self._first_segment_col + segments).astype(np.int32)
+        self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, self._segment_costs[segments])
