@@ -13,6 +13,7 @@ from perseus_lightning.core.options import clock_options, frequency_plan
 from perseus_lightning.core.planner import plan_frontier
 from perseus_lightning.core.simulator import earliest_schedule, simulate
 from perseus_lightning.core.slack import option_durations
+from perseus_lightning.core.strengthened_bound import pair_cost_floors
 from test_planner import P2P_POWER, TINY, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
 
 
@@ -82,3 +83,40 @@ def test_large_pipelines_skip_the_milp_and_zero_seconds_disables_it() -> None:
     assert exact.fastest.energy <= heuristic.fastest.energy * (1 + 1e-12)
     with pytest.raises(PlanError, match="exact_seconds is -1.*Fix"):
         plan_frontier(profile, small, P2P_POWER, exact_seconds=-1)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_a_cutoff_proves_cheaper_plans_out_of_reach_or_finds_the_optimum(name: str) -> None:
+    profile, dag = TINY_INSTANCES[name]
+    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
+    exact = ExactPlanner(dag, options, P2P_POWER)  # one model for every solve: no start or cutoff may linger
+    for deadline in (t_min, 1.02 * t_min, 1.1 * t_min):
+        optimum = tiny_brute_force(name).optimum(deadline)
+        below = exact.solve(deadline, fastest, cutoff=optimum * (1 - 1e-4))
+        assert below.lower_bound == optimum * (1 - 1e-4) and not below.optimal
+        np.testing.assert_array_equal(below.choice, fastest)
+        above = exact.solve(deadline, fastest, cutoff=optimum * (1 + 1e-4))
+        energy = simulate(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER, frequency_plan(options, above.choice)).energy
+        assert above.optimal and energy == pytest.approx(optimum, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_the_strengthened_bounds_pair_rows_keep_the_milps_optimum(name: str) -> None:
+    profile, dag = TINY_INSTANCES[name]
+    stage_profile = profile.for_stages(dag.schedule.stage_ranks)
+    options = clock_options(dag, stage_profile, P2P_POWER)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
+    for deadline in (t_min, 1.01 * t_min, 1.05 * t_min):
+        fitting, floors = pair_cost_floors(dag, options, deadline)
+        assert [(first, second) for first, second, _ in floors] == list(zip(dag.edge_sources.tolist(), dag.edge_targets.tolist()))
+        for formulation in ("choice", "incremental"):
+            exact = ExactPlanner(dag, fitting, P2P_POWER, formulation)  # the rows hold at this deadline only
+            for first, second, floor in floors:
+                exact.add_cost_floor([first, second], floor)
+            solution = exact.solve(deadline, fastest)
+            energy = simulate(dag, stage_profile, P2P_POWER, frequency_plan(options, solution.choice)).energy
+            assert solution.optimal, formulation
+            assert energy == pytest.approx(tiny_brute_force(name).optimum(deadline), rel=1e-9), formulation

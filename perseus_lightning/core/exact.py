@@ -121,17 +121,37 @@ class ExactPlanner:
         """Whether the MILP of these options is small enough to solve (``EXACT_MAX_BINARIES``)."""
         return sum(len(opt.time) for opt in options) <= EXACT_MAX_BINARIES
 
-    def solve(self, deadline: float, seed: np.ndarray, seconds: float = math.inf) -> ExactSolution:
+    def add_cost_floor(self, nodes: list[int], floor: float) -> None:
+        """Add a row: ``nodes`` cost at least ``floor`` (J) together. A valid cut when every plan
+        finishing by the deadlines solved for spends that much on them, e.g. the strengthened
+        bound's :func:`~perseus_lightning.core.strengthened_bound.pair_cost_floors`."""
+        columns = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in nodes]).astype(np.int32)
+        if self._incremental:  # cost = first option's + the chosen increments
+            values = np.concatenate([np.diff(self._options[n].cost) for n in nodes])
+            floor -= sum(float(self._options[n].cost[0]) for n in nodes)
+        else:
+            values = np.concatenate([self._options[n].cost for n in nodes])
+        self._solver.addRow(floor, self._highspy.kHighsInf, len(columns), columns, values)
+
+    def solve(self, deadline: float, seed: np.ndarray, seconds: float = math.inf, cutoff: float = math.inf) -> ExactSolution:
         """The cheapest plan finishing by ``deadline``, starting from ``seed`` (option indices of a
         plan that finishes by it), within ``seconds`` and the node limit: the best plan found by
-        then, or the seed itself."""
-        self._solver.setOptionValue("time_limit", seconds if math.isfinite(seconds) else self._highspy.kHighsInf)
+        then, or the seed itself. With a finite ``cutoff`` (J), HiGHS searches only for plans
+        costing at most that and prunes every branch that cannot, which proves much sooner that
+        there is none: then the seed is returned with ``cutoff`` as its ``lower_bound``."""
+        inf = self._highspy.kHighsInf
+        self._solver.setOptionValue("time_limit", seconds if math.isfinite(seconds) else inf)
+        self._solver.setOptionValue("objective_bound", cutoff if math.isfinite(cutoff) else inf)
         self._solver.changeColBounds(self._time_col, 0.0, deadline * (1 + DEADLINE_TOLERANCE))
         self._solver.setSolution(self._solution_of(seed))
         self._solver.run()
         status = self._solver.getModelStatus()
         info = self._solver.getInfo()
-        if info.primal_solution_status != self._highspy.kSolutionStatusFeasible:
+        found = info.primal_solution_status == self._highspy.kSolutionStatusFeasible
+        finished = status in (self._highspy.HighsModelStatus.kOptimal, self._highspy.HighsModelStatus.kInfeasible)
+        if finished and math.isfinite(cutoff) and (not found or info.objective_function_value > cutoff):
+            return ExactSolution(seed, False, cutoff)  # HiGHS may report a plan above the cutoff "optimal"
+        if not found:
             return ExactSolution(seed, False, info.mip_dual_bound)
         x = np.asarray(self._solver.getSolution().col_value)
         blocks = zip(self._offsets[:-1], self._offsets[1:])

@@ -61,13 +61,27 @@ def strengthened_lower_bound(dag: InstructionDAG, options: list[ClockOptions], p
     that fit, with the two instructions of each edge costing at least the cheapest pair of options
     that fits their shared window. At least the plain LP bound at ``deadline`` (up to the LP's
     tolerances)."""
+    fitting, floors = pair_cost_floors(dag, options, deadline)
+    relaxation = HullRelaxation(dag, fitting, p2p_power)
+    for first, second, floor in floors:
+        relaxation.add_cost_floor([first, second], floor)
+    return float(relaxation.solve(deadline).lower_bound)
+
+
+def pair_cost_floors(
+    dag: InstructionDAG, options: list[ClockOptions], deadline: float
+) -> tuple[list[ClockOptions], list[tuple[int, int, float]]]:
+    """The options that fit ``deadline`` (:func:`fitting_options`) and, per DAG edge, ``(first,
+    second, floor)``: every plan finishing by ``deadline`` spends at least ``floor`` (J) on the two,
+    the cheapest pair of their fitting options that fits their shared window. Valid rows for any
+    model of those plans, e.g. :meth:`~perseus_lightning.core.exact.ExactPlanner.add_cost_floor`."""
     earliest, latest_finish = _windows(dag, options, deadline)
     fitting = _fitting(options, earliest, latest_finish)
-    relaxation = HullRelaxation(dag, fitting, p2p_power)
-    for first, second in zip(dag.edge_sources.tolist(), dag.edge_targets.tolist()):
-        window = latest_finish[second] - earliest[first]
-        relaxation.add_cost_floor([first, second], _cheapest_pair(fitting[first], fitting[second], window))
-    return float(relaxation.solve(deadline).lower_bound)
+    floors = [
+        (first, second, _cheapest_pair(fitting[first], fitting[second], latest_finish[second] - earliest[first]))
+        for first, second in zip(dag.edge_sources.tolist(), dag.edge_targets.tolist())
+    ]
+    return fitting, floors
 
 
 def _windows(dag: InstructionDAG, options: list[ClockOptions], deadline: float) -> tuple[np.ndarray, np.ndarray]:
