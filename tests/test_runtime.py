@@ -148,8 +148,10 @@ def test_each_stage_and_kind_is_one_emulated_kernel(tmp_path) -> None:
     runtime.iteration_end()
     runtime.close()
     forward, backward = [block.end - block.start for block in list(gpu.compute_log)[-2:]]
-    assert forward == pytest.approx(HOST_SECONDS[FORWARD], abs=0.002)
-    assert backward == pytest.approx(HOST_SECONDS[BACKWARD], abs=0.002)
+    # Each kernel lasts what its kind's host work measured: never less than the sleeps, and more
+    # only by the host's scheduling delays (2.4 ms once in CI on this 2-core machine).
+    assert HOST_SECONDS[FORWARD] * 0.98 <= forward <= HOST_SECONDS[FORWARD] + 0.02
+    assert HOST_SECONDS[BACKWARD] * 0.98 <= backward <= HOST_SECONDS[BACKWARD] + 0.02
 
 
 def test_off_mode_opens_nothing(tmp_path) -> None:
