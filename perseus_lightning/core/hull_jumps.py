@@ -21,7 +21,7 @@ the window (:class:`_Windows`) and an undone move is rolled back from a log: a m
 proportion to the instructions whose windows it changes, not to the pipeline's length.
 
 On the A40 profile (8 stages, GPT-3 175B) this took the planner's zero-slowdown plan from 0.59-0.64 %
-to 0.37-0.51 % above the LP bound at 12-96 microbatches (docs/planner.md, session 19).
+to 0.37-0.51 % above the LP bound at 12-96 microbatches (docs/planner-research.md, session 19).
 """
 
 from __future__ import annotations
