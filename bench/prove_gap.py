@@ -2,6 +2,7 @@
 
 Run: .venv/bin/python bench/prove_gap.py [--gpu A100] [--microbatches 12] [--deadline 1.0] [--gap 0.1]
                                          [--workers 2] [--cube-seconds 600] [--hours 2]
+                                         [--cube NODE:FIRST-LAST[,NODE:FIRST-LAST...] ...]
 
 The planner's targets are gaps to the LP lower bound (0.1 % at zero slowdown). Whether any plan
 meets one at a deadline is the exact MILP with a cutoff (core/exact.py), which on one core can
@@ -9,7 +10,10 @@ take hours (bench/milp_reference.py --prove-gap). This runs core/gap_proof.py in
 space is split into cubes (instructions restricted to their faster or slower clocks) that worker
 processes solve, and a cube that does not finish within --cube-seconds is split again. Prints
 each cube as it ends, then the verdict: "proven" (no plan within G %), "found" (the plan's gap and
-iteration time, simulated exactly) or "undecided" after --hours. Needs ../shared/data/stage_profiles.
+iteration time, simulated exactly) or "undecided" after --hours. --cube (repeatable) starts from
+the given cubes instead of the whole DAG, to resume a proof: pass every cube an earlier run left
+open, as printed (node index, then its range of clock options), since the verdict covers only
+them. Needs ../shared/data/stage_profiles.
 """
 
 from __future__ import annotations
@@ -22,7 +26,7 @@ from pathlib import Path
 from rich.console import Console
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.gap_proof import CubeResult, prove_gap
+from perseus_lightning.core.gap_proof import Cube, CubeResult, prove_gap
 from perseus_lightning.core.options import clock_options, frequency_plan
 from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.profile import Profile
@@ -43,6 +47,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=2, help="processes solving cubes (one HiGHS thread each)")
     parser.add_argument("--cube-seconds", type=float, default=600.0, help="budget of one cube before it is split")
     parser.add_argument("--hours", type=float, default=2.0, help="limit of the whole proof")
+    parser.add_argument("--cube", action="append", type=_cube, help="start from this cube, e.g. 161:0-3,159:0-3")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not present: the benchmark needs the third-party stage profiles in ../shared/data")
@@ -61,16 +66,30 @@ def main() -> None:
     started = time.perf_counter()
 
     def report(cube: CubeResult) -> None:
-        restrictions = ", ".join(f"{dag.instructions[node]} options {first}-{last}" for node, first, last in cube.cube) or "whole DAG"
+        restrictions = ",".join(f"{node}:{first}-{last}" for node, first, last in cube.cube) or "whole DAG"
+        labels = " ".join(str(dag.instructions[node]) for node, _, _ in cube.cube)
         console.print(f"{time.perf_counter() - started:7.0f} s  {cube.status:6s}  bound {100 * (cube.bound / bound - 1):.4f} %  "
-                      f"{cube.seconds:6.0f} s  {restrictions}")
+                      f"{cube.seconds:6.0f} s  {restrictions}  {labels}")
 
-    proof = prove_gap(dag, options, power, deadline, cutoff, args.workers, args.cube_seconds, args.hours * 3600, on_cube=report)
+    proof = prove_gap(dag, options, power, deadline, cutoff, args.workers, args.cube_seconds, args.hours * 3600,
+                      on_cube=report, cubes=args.cube)
     console.print(f"verdict: {proof.verdict} after {time.perf_counter() - started:.0f} s and {len(proof.cubes)} cubes")
+    for cube in proof.open_cubes:
+        console.print("open: --cube " + (",".join(f"{node}:{first}-{last}" for node, first, last in cube) or "(whole DAG: no --cube)"))
     if proof.verdict == "found":
         result = simulate(dag, stage_profile, power, frequency_plan(options, proof.cubes[-1].choice))
         console.print(f"plan: {100 * (result.energy / bound - 1):.5f} % above the LP bound, "
                       f"iteration time {result.iteration_time / t_min:.9f} T_min")
+
+
+def _cube(text: str) -> Cube:
+    """``NODE:FIRST-LAST[,...]``, as the cubes are printed."""
+    restrictions = []
+    for part in text.split(","):
+        node, span = part.split(":")
+        first, last = span.split("-")
+        restrictions.append((int(node), int(first), int(last)))
+    return tuple(restrictions)
 
 
 if __name__ == "__main__":

@@ -76,4 +76,13 @@ def test_a_cube_that_leaves_a_node_no_clock_is_refused_with_a_fix() -> None:
 def test_out_of_time_is_undecided() -> None:
     dag, _, options, t_min = _instance("noisy-3x2")
     proof = prove_gap(dag, options, P2P_POWER, t_min, 0.0, seconds=0.0)
-    assert proof.verdict == "undecided" and proof.cubes == ()
+    assert proof.verdict == "undecided" and proof.cubes == () and proof.open_cubes == ((),)
+
+
+def test_a_proof_resumed_from_both_halves_of_a_split_reaches_the_same_verdict() -> None:
+    dag, _, options, t_min = _instance("noisy-2x2")
+    deadline = 1.1 * t_min
+    optimum = tiny_brute_force("noisy-2x2").optimum(deadline)
+    halves = list(split_cube(dag, options, P2P_POWER, deadline, ()))
+    for cutoff, verdict in ((optimum * (1 - 1e-4), "proven"), (optimum * (1 + 1e-4), "found")):
+        assert prove_gap(dag, options, P2P_POWER, deadline, cutoff, cubes=halves).verdict == verdict

@@ -71,6 +71,8 @@ class GapProof:
     in ``cubes[-1]`` does; ``undecided``: the time limit came first."""
     cubes: tuple[CubeResult, ...]
     """Every cube solved, in the order their solves ended."""
+    open_cubes: tuple[Cube, ...] = ()
+    """The cubes left undecided (none unless ``undecided``): resume with ``prove_gap(cubes=...)``."""
 
 
 def restricted_options(options: list[ClockOptions], cube: Cube) -> tuple[list[ClockOptions], np.ndarray]:
@@ -185,12 +187,15 @@ def prove_gap(
     seconds: float = math.inf,
     cube_nodes: int = 2**31 - 1,
     on_cube: Callable[[CubeResult], None] | None = None,
+    cubes: list[Cube] | None = None,
 ) -> GapProof:
     """Whether any plan finishing by ``deadline`` costs at most ``cutoff`` (J), e.g. the LP bound
     plus a target gap. Cubes are solved on ``workers`` processes (1: in this one), each for at most
     ``cube_seconds`` and ``cube_nodes``, and split when that runs out; after ``seconds`` in all the
-    verdict is "undecided". ``on_cube``, if given, is called with each :class:`CubeResult`."""
-    pending: list[Cube] = [()]
+    verdict is "undecided". ``on_cube``, if given, is called with each :class:`CubeResult`.
+    ``cubes`` starts from those instead of the whole space (to resume a proof: the verdict then
+    covers only them, so pass every cube an earlier run left open)."""
+    pending: list[Cube] = [()] if cubes is None else list(cubes)
     done: list[CubeResult] = []
     deadline_at = time.monotonic() + seconds
     job = (dag, options, p2p_power, deadline, cutoff)
@@ -223,7 +228,7 @@ def prove_gap(
     finally:
         if pool is not None:
             pool.terminate()
-    return GapProof(cutoff, "undecided" if pending or running else "proven", tuple(done))
+    return GapProof(cutoff, "undecided" if pending else "proven", tuple(done), tuple(pending))
 
 
 def _bound(dag: InstructionDAG, options: list[ClockOptions], p2p_power: float, deadline: float, cube: Cube) -> float:
