@@ -7,24 +7,32 @@ import math
 import numpy as np
 import pytest
 
+from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.errors import PlanError
 from perseus_lightning.core.exact import EXACT_MAX_BINARIES, ExactPlanner
-from perseus_lightning.core.options import clock_options, frequency_plan
+from perseus_lightning.core.options import ClockOptions, clock_options, frequency_plan
 from perseus_lightning.core.planner import plan_frontier
+from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.simulator import earliest_schedule, simulate
 from perseus_lightning.core.slack import option_durations
 from perseus_lightning.core.strengthened_bound import pair_cost_floors
 from test_planner import P2P_POWER, TINY, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
 
 
-@pytest.mark.parametrize("name", TINY)
-def test_milp_matches_brute_force_at_every_deadline(name: str) -> None:
+def tiny_instance(name: str) -> tuple[InstructionDAG, Profile, list[ClockOptions], float]:
+    """``TINY_INSTANCES[name]``'s DAG, stage profile, clock options and T_min (every node on its fastest option)."""
     profile, dag = TINY_INSTANCES[name]
     stage_profile = profile.for_stages(dag.schedule.stage_ranks)
     options = clock_options(dag, stage_profile, P2P_POWER)
+    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+    return dag, stage_profile, options, float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_milp_matches_brute_force_at_every_deadline(name: str) -> None:
+    dag, stage_profile, options, t_min = tiny_instance(name)
     truth = tiny_brute_force(name)
     fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
     for formulation in ("choice", "incremental"):
         exact = ExactPlanner(dag, options, P2P_POWER, formulation)
         for deadline in np.linspace(t_min, 1.3 * t_min, 7):
@@ -87,10 +95,8 @@ def test_large_pipelines_skip_the_milp_and_zero_seconds_disables_it() -> None:
 
 @pytest.mark.parametrize("name", TINY)
 def test_a_cutoff_proves_cheaper_plans_out_of_reach_or_finds_the_optimum(name: str) -> None:
-    profile, dag = TINY_INSTANCES[name]
-    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER)
+    dag, stage_profile, options, t_min = tiny_instance(name)
     fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
     exact = ExactPlanner(dag, options, P2P_POWER)  # one model for every solve: no start or cutoff may linger
     for deadline in (t_min, 1.02 * t_min, 1.1 * t_min):
         optimum = tiny_brute_force(name).optimum(deadline)
@@ -98,17 +104,14 @@ def test_a_cutoff_proves_cheaper_plans_out_of_reach_or_finds_the_optimum(name: s
         assert below.lower_bound == optimum * (1 - 1e-4) and not below.optimal
         np.testing.assert_array_equal(below.choice, fastest)
         above = exact.solve(deadline, fastest, cutoff=optimum * (1 + 1e-4))
-        energy = simulate(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER, frequency_plan(options, above.choice)).energy
+        energy = simulate(dag, stage_profile, P2P_POWER, frequency_plan(options, above.choice)).energy
         assert above.optimal and energy == pytest.approx(optimum, rel=1e-9)
 
 
 @pytest.mark.parametrize("name", TINY)
 def test_the_strengthened_bounds_pair_rows_keep_the_milps_optimum(name: str) -> None:
-    profile, dag = TINY_INSTANCES[name]
-    stage_profile = profile.for_stages(dag.schedule.stage_ranks)
-    options = clock_options(dag, stage_profile, P2P_POWER)
+    dag, stage_profile, options, t_min = tiny_instance(name)
     fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
     for deadline in (t_min, 1.01 * t_min, 1.05 * t_min):
         fitting, floors = pair_cost_floors(dag, options, deadline)
         assert [(first, second) for first, second, _ in floors] == list(zip(dag.edge_sources.tolist(), dag.edge_targets.tolist()))

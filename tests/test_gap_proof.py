@@ -2,30 +2,20 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from perseus_lightning.core.errors import PlanError
 from perseus_lightning.core.gap_proof import Cube, prove_gap, restricted_options, split_cube
-from perseus_lightning.core.options import clock_options, frequency_plan
-from perseus_lightning.core.simulator import earliest_schedule, simulate
-from perseus_lightning.core.slack import option_durations
-from test_planner import P2P_POWER, TINY, TINY_INSTANCES, tiny_brute_force
-
-
-def _instance(name: str) -> tuple:
-    profile, dag = TINY_INSTANCES[name]
-    stage_profile = profile.for_stages(dag.schedule.stage_ranks)
-    options = clock_options(dag, stage_profile, P2P_POWER)
-    fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-    t_min = float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
-    return dag, stage_profile, options, t_min
+from perseus_lightning.core.options import frequency_plan
+from perseus_lightning.core.simulator import simulate
+from test_exact import tiny_instance
+from test_planner import P2P_POWER, TINY, tiny_brute_force
 
 
 @pytest.mark.parametrize("name", TINY)
 @pytest.mark.parametrize("cube_nodes", [2**31 - 1, 0], ids=["whole", "split"])  # 0: every cube not decided at once is split
 def test_the_verdict_matches_brute_force(name: str, cube_nodes: int) -> None:
-    dag, stage_profile, options, t_min = _instance(name)
+    dag, stage_profile, options, t_min = tiny_instance(name)
     splits = 0
     for deadline in (t_min, 1.02 * t_min, 1.1 * t_min):
         optimum = tiny_brute_force(name).optimum(deadline)
@@ -45,7 +35,7 @@ def test_the_verdict_matches_brute_force(name: str, cube_nodes: int) -> None:
 
 
 def test_worker_processes_reach_the_same_verdict() -> None:
-    dag, _, options, t_min = _instance("noisy-2x2")
+    dag, _, options, t_min = tiny_instance("noisy-2x2")
     deadline = 1.1 * t_min
     optimum = tiny_brute_force("noisy-2x2").optimum(deadline)
     inline = prove_gap(dag, options, P2P_POWER, deadline, optimum * (1 - 1e-4), cube_nodes=0)
@@ -55,7 +45,7 @@ def test_worker_processes_reach_the_same_verdict() -> None:
 
 
 def test_a_split_keeps_every_plan_of_the_cube_in_one_half() -> None:
-    dag, _, options, t_min = _instance("noisy-3x2")
+    dag, _, options, t_min = tiny_instance("noisy-3x2")
     deadline = 1.05 * t_min
     fast, slow = split_cube(dag, options, P2P_POWER, deadline, ())
     (node, first_fast, last_fast), (same, first_slow, last_slow) = fast[-1], slow[-1]
@@ -68,19 +58,19 @@ def test_a_split_keeps_every_plan_of_the_cube_in_one_half() -> None:
 
 
 def test_a_cube_that_leaves_a_node_no_clock_is_refused_with_a_fix() -> None:
-    dag, _, options, _ = _instance("noisy-3x2")
+    dag, _, options, _ = tiny_instance("noisy-3x2")
     with pytest.raises(PlanError, match="no clock option. Fix"):
         restricted_options(options, ((0, 0, 0), (0, 1, 1)))
 
 
 def test_out_of_time_is_undecided() -> None:
-    dag, _, options, t_min = _instance("noisy-3x2")
+    dag, _, options, t_min = tiny_instance("noisy-3x2")
     proof = prove_gap(dag, options, P2P_POWER, t_min, 0.0, seconds=0.0)
     assert proof.verdict == "undecided" and proof.cubes == () and proof.open_cubes == ((),)
 
 
 def test_a_proof_resumed_from_both_halves_of_a_split_reaches_the_same_verdict() -> None:
-    dag, _, options, t_min = _instance("noisy-2x2")
+    dag, _, options, t_min = tiny_instance("noisy-2x2")
     deadline = 1.1 * t_min
     optimum = tiny_brute_force("noisy-2x2").optimum(deadline)
     halves = list(split_cube(dag, options, P2P_POWER, deadline, ()))
