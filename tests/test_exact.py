@@ -45,15 +45,14 @@ def test_milp_matches_brute_force_at_every_deadline(name: str) -> None:
 
 
 def test_a_node_limited_solve_bounds_the_optimum_from_below() -> None:
-    profile, dag = TINY_INSTANCES["noisy-3x2"]
-    options = clock_options(dag, profile, P2P_POWER)
+    dag, stage_profile, options, t_min = tiny_instance("noisy-3x2")
     fastest = np.zeros(dag.num_nodes, dtype=np.int64)
-    deadline = 1.05 * float(earliest_schedule(dag, option_durations(options, fastest))[1].max())
+    deadline = 1.05 * t_min
     optimum = ExactPlanner(dag, options, P2P_POWER).solve(deadline, fastest).lower_bound  # proven (test above)
     for formulation in ("choice", "incremental"):
         solution = ExactPlanner(dag, options, P2P_POWER, formulation, max_nodes=1).solve(deadline, fastest)
         assert solution.lower_bound <= optimum * (1 + 1e-9), formulation
-        assert simulate(dag, profile, P2P_POWER, frequency_plan(options, solution.choice)).energy >= optimum * (1 - 1e-9), formulation
+        assert simulate(dag, stage_profile, P2P_POWER, frequency_plan(options, solution.choice)).energy >= optimum * (1 - 1e-9), formulation
 
 
 def test_an_unknown_formulation_is_refused_with_a_fix() -> None:
