@@ -64,8 +64,12 @@ class LowtimeResult:
     """Iteration time (s) of lowtime's fastest plan, by our exact simulator."""
     fastest_energy: float
     """Energy (J) of that plan, by our exact simulator (idle time at the blocking power included)."""
-    num_plans: int
-    """Plans on lowtime's frontier: one per Phillips-Dessouky iteration."""
+    plans: tuple[FrequencyPlan, ...]
+    """lowtime's frontier on our DAG: one plan per Phillips-Dessouky iteration, slowest first."""
+
+    @property
+    def num_plans(self) -> int:
+        return len(self.plans)
 
 
 def _operation_spec(profile: Profile, stage: int, kind: str, p2p_power: float) -> OperationSpec[int]:
@@ -140,25 +144,25 @@ def to_frequency_plan(plan: LowtimePlan, dag: InstructionDAG) -> FrequencyPlan:
     return FrequencyPlan(tuple(freqs))
 
 
-def run_lowtime(profile_path: Path, num_stages: int, num_microbatches: int, p2p_power: float) -> LowtimeResult:
+def run_lowtime(profile: Profile, num_stages: int, num_microbatches: int, p2p_power: float) -> LowtimeResult:
     """Solve with lowtime as Perseus does; evaluate its fastest plan with our simulator."""
-    profile = Profile.load(profile_path)
     start = time.perf_counter()
     plans = solve_lowtime(profile, num_stages, num_microbatches, p2p_power)
     wall_time = time.perf_counter() - start
     if not plans:
         raise RuntimeError("lowtime's solver yielded no plan (its slowest plan is already its fastest)")
     dag = InstructionDAG.from_schedule(build_schedule("1f1b", num_stages, num_microbatches))
-    fastest = simulate(dag, profile, p2p_power, to_frequency_plan(plans[-1], dag))
-    return LowtimeResult(wall_time, fastest.iteration_time, fastest.energy, len(plans))
+    mapped = tuple(to_frequency_plan(plan, dag) for plan in plans)
+    fastest = simulate(dag, profile, p2p_power, mapped[-1])
+    return LowtimeResult(wall_time, fastest.iteration_time, fastest.energy, mapped)
 
 
 if __name__ == "__main__":
     path = Path(__file__).resolve().parents[2] / "shared" / "data" / "stage_profiles" / "gpt3-175b+a100_sxm_bf16.csv"
     stages, microbatches, power = 8, 12, 83.64
-    result = run_lowtime(path, stages, microbatches, power)
+    result = run_lowtime(Profile.load(path), stages, microbatches, power)
     base = simulate(InstructionDAG.from_schedule(build_schedule("1f1b", stages, microbatches)), Profile.load(path), power)
-    print(result)
+    print(f"lowtime: {result.wall_time:.1f} s, {result.num_plans} plans")
     print(f"max clock: {base.iteration_time:.5f} s, {base.energy:.1f} J; lowtime's fastest plan: "
           f"{100 * (result.fastest_time / base.iteration_time - 1):+.3f} % time, "
           f"{100 * (1 - result.fastest_energy / base.energy):.2f} % saving")

@@ -62,7 +62,7 @@ def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float
     return gaps[0], least, max(gaps), spacing
 
 
-def lowtime_columns(path: Path, microbatches: int, p2p_power: float, baseline: tuple[float, float], limit: int) -> list[str]:
+def lowtime_columns(profile: Profile, microbatches: int, p2p_power: float, baseline: tuple[float, float], limit: int) -> list[str]:
     if importlib.util.find_spec("lowtime") is None:
         return ["not installed"] * 3
     if microbatches > limit:
@@ -70,7 +70,7 @@ def lowtime_columns(path: Path, microbatches: int, p2p_power: float, baseline: t
     sys.path.insert(0, str(Path(__file__).parent))
     from lowtime_baseline import run_lowtime
 
-    result = run_lowtime(path, STAGES, microbatches, p2p_power)
+    result = run_lowtime(profile, STAGES, microbatches, p2p_power)
     return [f"{result.wall_time:.1f}", f"{100 * (1 - result.fastest_energy / baseline[1]):.2f} %",
             f"{100 * (result.fastest_time / baseline[0] - 1):+.3f} %"]
 
@@ -100,7 +100,7 @@ def main() -> None:
             elapsed = time.perf_counter() - started
             gap0, least_gap0, max_gap, spacing = frontier_quality(frontier, profile)
             saving = 1 - frontier.fastest.energy / frontier.baseline_energy
-            lowtime = lowtime_columns(DATA / name, m, power, (frontier.baseline_time, frontier.baseline_energy), args.lowtime_max)
+            lowtime = lowtime_columns(profile, m, power, (frontier.baseline_time, frontier.baseline_energy), args.lowtime_max)
             table.add_row(gpu, str(m), str(len(frontier.plans)), f"{elapsed:.2f}", f"{100 * saving:.2f} %",
                           f"{100 * gap0:.3f} %", f"{100 * least_gap0:.3f} %", f"{100 * max_gap:.3f} %", f"{100 * spacing:.2f} %", *lowtime)
             frontiers[f"{gpu}-{m}"] = (frontier, profile)
