@@ -15,8 +15,8 @@ instruction's clock is chosen by binaries in one of two formulations with the sa
   8 x 12 and ``T_min``: 0.227 % above the LP bound in 120 s, against 0.298 %), for a weaker dual bound.
 
 HiGHS's branch and bound solves it, seeded with a plan the heuristic found. The planner uses it
-only below ``EXACT_MAX_BINARIES`` options in all, to make the zero-slowdown plan optimal and to
-fill, or prove empty, the gaps its heuristic sweep leaves in the frontier;
+only below ``EXACT_MAX_BINARIES`` options in all, to improve the zero-slowdown plan (optimal when
+the solve finishes within its limits) and to fill, or prove empty, the gaps its heuristic sweep leaves in the frontier;
 ``bench/milp_reference.py`` uses both formulations to measure how far the planner is from the best
 plan a longer MILP finds, and from what the MILP proves.
 """

@@ -26,8 +26,9 @@ With ``workers``, the LPs stay in this process, in order, and worker processes d
 each deadline's work (:mod:`perseus_lightning.core.rounding`), with the same plans as one process.
 
 Pipelines small enough for the exact MILP (:mod:`perseus_lightning.core.exact`) then get, within a
-time budget, an optimal zero-slowdown plan and every gap wider than ``MAX_SPACING`` either filled
-or proven to hold no plan cheaper than its faster end.
+time budget and a node limit per solve, a better zero-slowdown plan (optimal when the solve
+finishes) and every gap wider than ``MAX_SPACING`` filled or, when the solves finish, proven to hold
+no plan cheaper than its faster end.
 
 Every plan's iteration time and energy come from the exact simulator on the measured profile.
 """
