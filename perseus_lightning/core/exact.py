@@ -16,7 +16,8 @@ instruction's clock is chosen by binaries in one of two formulations with the sa
 
 HiGHS's branch and bound solves it, seeded with a plan the heuristic found. The planner uses it
 only below ``EXACT_MAX_BINARIES`` options in all, to improve the zero-slowdown plan (optimal when
-the solve finishes within its limits) and to fill, or prove empty, the gaps its heuristic sweep leaves in the frontier;
+the solve finishes within its limits) and to fill, or prove empty, the gaps its heuristic sweep
+leaves in the frontier;
 ``bench/milp_reference.py`` uses both formulations to measure how far the planner is from the best
 plan a longer MILP finds, and from what the MILP proves.
 """
