@@ -77,7 +77,7 @@ def summary_table(frontier: Frontier, title: str) -> Table:
     t0, e0 = frontier.baseline_time, frontier.baseline_energy
     table.add_row("max clock", f"{t0:.5f}", "", f"{e0:.1f}", "", "")
     for label, point in (("zero slowdown", frontier.fastest), ("T*", frontier.plans[-1])):
-        gap = f"+{100 * (point.energy / point.lower_bound - 1):.2f} %" if point.lower_bound else ""
-        table.add_row(label, f"{point.iteration_time:.5f}", f"{100 * (point.iteration_time / t0 - 1):+.2f} %",
+        gap = f"{100 * (point.energy / point.lower_bound - 1):+.3f} %" if point.lower_bound else ""
+        table.add_row(label, f"{point.iteration_time:.5f}", f"{100 * (point.iteration_time / t0 - 1):+.3f} %",
                       f"{point.energy:.1f}", f"{100 * (1 - point.energy / e0):.2f} %", gap)
     return table
