@@ -36,7 +36,8 @@ from rich.table import Table
 
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.exact import ExactPlanner
-from perseus_lightning.core.options import clock_options, frequency_plan
+from perseus_lightning.core.options import ClockOptions, clock_options, frequency_plan
+from perseus_lightning.core.plan import FrequencyPlan
 from perseus_lightning.core.planner import plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
@@ -46,6 +47,22 @@ from perseus_lightning.core.strengthened_bound import FIT_TOLERANCE, pair_cost_f
 
 sys.path.insert(0, str(Path(__file__).parent))
 from planner import DATA, PROFILES, STAGES  # noqa: E402  (bench/planner.py, beside this script)
+
+
+def option_indices(options: list[ClockOptions], plan: FrequencyPlan) -> np.ndarray:
+    """The option index of each node's clock in ``plan``."""
+    return np.array([list(opt.frequencies).index(f) for opt, f in zip(options, plan.as_array().tolist())])
+
+
+def milp_plan_energy(
+    dag: InstructionDAG, stage_profile: Profile, options: list[ClockOptions], fitting: list[ClockOptions],
+    p2p_power: float, deadline: float, seed: np.ndarray, seconds: float,
+) -> float:
+    """Energy, simulated exactly, of the best plan finishing by ``deadline`` that the incremental MILP
+    over the ``fitting`` options (a prefix of each node's ``options``) finds in ``seconds`` from ``seed``."""
+    found = ExactPlanner(dag, fitting, p2p_power, "incremental", max_nodes=2**31 - 1).solve(deadline, seed, seconds)
+    return simulate(dag, stage_profile, p2p_power, frequency_plan(options, found.choice)).energy
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -75,11 +92,10 @@ def main() -> None:
             deadline = multiple * frontier.baseline_time
             bound = relaxation.solve(deadline).lower_bound
             planned = frontier.select(deadline * (1 + FIT_TOLERANCE))
-            seed = np.array([list(opt.frequencies).index(f) for opt, f in zip(options, planned.plan.as_array().tolist())])
+            seed = option_indices(options, planned.plan)
             fitting, floors = pair_cost_floors(dag, options, deadline)
             started = time.perf_counter()
-            found = ExactPlanner(dag, fitting, power, "incremental", max_nodes=2**31 - 1).solve(deadline, seed, args.seconds)
-            energy = simulate(dag, stage_profile, power, frequency_plan(options, found.choice)).energy
+            energy = milp_plan_energy(dag, stage_profile, options, fitting, power, deadline, seed, args.seconds)
             proving = ExactPlanner(dag, fitting, power, "choice", max_nodes=2**31 - 1)
             for first, second, floor in floors:
                 proving.add_cost_floor([first, second], floor)

@@ -35,7 +35,7 @@ from rich.table import Table
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.extrinsic import evaluate_straggler
 from perseus_lightning.core.gpu_model import A100_LIKE
-from perseus_lightning.core.options import clock_options
+from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.planner import Frontier, plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
@@ -48,18 +48,26 @@ PROFILES = (("A100", "gpt3-175b+a100_sxm_bf16.csv", 83.64, 27.0), ("A40", "gpt3-
 STAGES = 8
 
 
-def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float, float, float]:
-    """(gap at zero slowdown, the proven least such gap, largest gap at each plan's own time,
-    largest spacing / T_min)."""
+def lp_bounds(frontier: Frontier, profile: Profile) -> tuple[list[ClockOptions], list[float]]:
+    """The clock options of the frontier's DAG on ``profile``, and the LP bound at each plan's own iteration time."""
     dag = frontier.dag
     options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), frontier.p2p_power)
     relaxation = HullRelaxation(dag, options, frontier.p2p_power)
-    bounds = [relaxation.solve(p.iteration_time).lower_bound for p in frontier.plans]
+    return options, [relaxation.solve(p.iteration_time).lower_bound for p in frontier.plans]
+
+
+def largest_spacing(frontier: Frontier) -> float:
+    """The largest distance between neighbouring plans' iteration times, as a fraction of T_min."""
+    return max(np.diff([p.iteration_time for p in frontier.plans]), default=0.0) / frontier.baseline_time
+
+
+def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float, float, float]:
+    """(gap at zero slowdown, the proven least such gap, largest gap at each plan's own time,
+    largest spacing / T_min)."""
+    options, bounds = lp_bounds(frontier, profile)
     gaps = [p.energy / bound - 1 for p, bound in zip(frontier.plans, bounds)]
-    least = strengthened_lower_bound(dag, options, frontier.p2p_power, frontier.fastest.iteration_time) / bounds[0] - 1
-    times = [p.iteration_time for p in frontier.plans]
-    spacing = max(np.diff(times), default=0.0) / frontier.baseline_time
-    return gaps[0], least, max(gaps), spacing
+    least = strengthened_lower_bound(frontier.dag, options, frontier.p2p_power, frontier.fastest.iteration_time) / bounds[0] - 1
+    return gaps[0], least, max(gaps), largest_spacing(frontier)
 
 
 def lowtime_columns(profile: Profile, microbatches: int, p2p_power: float, baseline: tuple[float, float], limit: int) -> list[str]:

@@ -39,18 +39,17 @@ from rich.console import Console
 from rich.table import Table
 
 from perseus_lightning.core.dag import InstructionDAG
-from perseus_lightning.core.exact import ExactPlanner
-from perseus_lightning.core.options import ClockOptions, clock_options, frequency_plan
+from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.planner import Frontier, plan_frontier
 from perseus_lightning.core.profile import Profile
-from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.rounding import ROUNDING_TOLERANCE, available_cpus
 from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import simulate
 from perseus_lightning.core.strengthened_bound import pair_cost_floors
 
 sys.path.insert(0, str(Path(__file__).parent))
-from planner import DATA, PROFILES, STAGES  # noqa: E402  (bench/planner.py, beside this script)
+from milp_reference import milp_plan_energy, option_indices  # noqa: E402  (beside this script)
+from planner import DATA, PROFILES, STAGES, largest_spacing, lp_bounds  # noqa: E402
 
 NOISE = ((0.0, 0.0), (0.005, 0.02), (0.01, 0.05), (0.03, 0.10))
 """(time sigma, energy sigma) of the log-normal perturbations; the first is the profile as measured."""
@@ -114,24 +113,20 @@ def measure(profile: Profile, power: float, microbatches: int, workers: int, mil
     started = time.perf_counter()
     frontier = plan_frontier(profile, dag, power, workers=workers)
     seconds = time.perf_counter() - started
-    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), power)
-    relaxation = HullRelaxation(dag, options, power)
-    bounds = [relaxation.solve(p.iteration_time).lower_bound for p in frontier.plans]
+    options, bounds = lp_bounds(frontier, profile)
     gaps = [p.energy / bound - 1 for p, bound in zip(frontier.plans, bounds)]
-    spacing = max(np.diff([p.iteration_time for p in frontier.plans]), default=0.0) / frontier.baseline_time
     milp = milp_at_zero_slowdown(frontier, profile, options, milp_seconds) / bounds[0] - 1 if milp_seconds else None
     lowtime = lowtime_at_zero_slowdown(profile, frontier, microbatches) if with_lowtime else None
     return Run(seconds, broken_invariants(frontier, profile), 1 - frontier.fastest.energy / frontier.baseline_energy,
-               gaps[0], max(gaps), spacing, milp, lowtime)
+               gaps[0], max(gaps), largest_spacing(frontier), milp, lowtime)
 
 
 def milp_at_zero_slowdown(frontier: Frontier, profile: Profile, options: list[ClockOptions], seconds: float) -> float:
     """Energy of the best zero-slowdown plan the incremental MILP finds in ``seconds``, from the planner's."""
     dag, deadline = frontier.dag, frontier.baseline_time
-    seed = np.array([list(opt.frequencies).index(f) for opt, f in zip(options, frontier.fastest.plan.as_array().tolist())])
     fitting, _ = pair_cost_floors(dag, options, deadline)
-    found = ExactPlanner(dag, fitting, frontier.p2p_power, "incremental", max_nodes=2**31 - 1).solve(deadline, seed, seconds)
-    return simulate(dag, profile, frontier.p2p_power, frequency_plan(options, found.choice)).energy
+    seed = option_indices(options, frontier.fastest.plan)
+    return milp_plan_energy(dag, profile, options, fitting, frontier.p2p_power, deadline, seed, seconds)
 
 
 def lowtime_at_zero_slowdown(profile: Profile, frontier: Frontier, microbatches: int) -> tuple[float, float | None]:
