@@ -1,10 +1,11 @@
 """Benchmark: the frontier planner on the measured GPT-3 175B profiles, against the LP bound and lowtime.
 
-Run: .venv/bin/python bench/planner.py [--microbatches 12 24 48 96] [--lowtime-max 24] [--scale]
+Run: .venv/bin/python bench/planner.py [--microbatches 12 24 48 96] [--lowtime-max 24] [--restarts N] [--scale]
 
 Needs ../shared/data/stage_profiles (third-party data, not shipped). Columns:
 - planner s: wall time of plan_frontier (the whole frontier, T_min to T*), with as many worker
-  processes as `perseus plan` takes by default (the CPUs available; --workers to change);
+  processes as `perseus plan` takes by default (the CPUs available; --workers to change) and the
+  planner's default restarts near T_min (--restarts 0 for none, the planner before session 27);
 - saving @0: energy saving of the zero-slowdown plan against every instruction at max clock;
 - gap @0: that plan's energy above the LP lower bound at the same deadline (T_min);
 - bound @0: how far above that LP bound every zero-slowdown plan must be, proven by the LP
@@ -89,12 +90,14 @@ def main() -> None:
     parser.add_argument("--lowtime-max", type=int, default=24, help="run lowtime up to this many microbatches")
     parser.add_argument("--scale", action="store_true", help="also time 16 x 128 and 32 x 256 synthetic pipelines")
     parser.add_argument("--workers", type=int, default=available_cpus(), help="planner worker processes (default: the CPUs available)")
+    parser.add_argument("--restarts", type=int, help="restarts per deadline near T_min (default: the planner's, by size)")
     args = parser.parse_args()
     if not DATA.is_dir():
         sys.exit(f"{DATA} not present: the benchmark needs the third-party stage profiles in ../shared/data")
     console = Console(width=160)
 
-    table = Table(title=f"Frontier planner, GPT-3 175B, {STAGES} stages, synchronous 1F1B, {args.workers} worker(s)")
+    restarts = "default restarts" if args.restarts is None else f"{args.restarts} restart(s)"
+    table = Table(title=f"Frontier planner, GPT-3 175B, {STAGES} stages, synchronous 1F1B, {args.workers} worker(s), {restarts}")
     for column in ("GPU", "mb", "plans", "planner s", "saving @0", "gap @0", "bound @0", "max gap", "spacing",
                    "lowtime s", "lowtime saving", "lowtime slowdown"):
         table.add_column(column, justify="right")
@@ -104,7 +107,7 @@ def main() -> None:
         for m in args.microbatches:
             dag = InstructionDAG.from_schedule(build_schedule("1f1b", STAGES, m))
             started = time.perf_counter()
-            frontier = plan_frontier(profile, dag, power, workers=args.workers)
+            frontier = plan_frontier(profile, dag, power, workers=args.workers, restarts=args.restarts)
             elapsed = time.perf_counter() - started
             gap0, least_gap0, max_gap, spacing = frontier_quality(frontier, profile)
             saving = 1 - frontier.fastest.energy / frontier.baseline_energy

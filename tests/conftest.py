@@ -14,6 +14,7 @@ if str(REPO_ROOT) not in sys.path:  # import the package from the checkout when 
 
 SHARED_STAGE_PROFILES = REPO_ROOT.parent / "shared" / "data" / "stage_profiles"
 A100_PROFILE_CSV = SHARED_STAGE_PROFILES / "gpt3-175b+a100_sxm_bf16.csv"
+A40_PROFILE_CSV = SHARED_STAGE_PROFILES / "gpt3-175b+a40_bf16.csv"
 
 
 @pytest.fixture(scope="session")
@@ -22,6 +23,14 @@ def shared_profile_path() -> Path:
     if not A100_PROFILE_CSV.is_file():
         pytest.skip("../shared/data/stage_profiles not present (third-party data, not shipped with the repo)")
     return A100_PROFILE_CSV
+
+
+@pytest.fixture(scope="session")
+def shared_a40_profile_path() -> Path:
+    """The measured GPT-3 175B A40 stage profile from ../shared/data (skips when absent)."""
+    if not A40_PROFILE_CSV.is_file():
+        pytest.skip("../shared/data/stage_profiles not present (third-party data, not shipped with the repo)")
+    return A40_PROFILE_CSV
 
 
 def pytest_configure(config: pytest.Config) -> None:

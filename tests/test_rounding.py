@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -90,6 +91,27 @@ def test_the_zero_slowdown_plan_is_held_to_its_tighter_target() -> None:
         assert round_with.energy(jumped) <= plain
         gains.append(1 - round_with.energy(jumped) / plain)
     assert max(gains) > 1e-5, gains
+
+
+def test_restarts_round_other_optimal_lp_vertices_and_only_get_cheaper() -> None:
+    # On this noisy 4 x 12 pipeline the LP's optimum near T_min is a face whose vertices round apart.
+    profile = noisy_profile(3, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
+    options = clock_options(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER)
+    round_with = Rounder(DAG, options, P2P_POWER * DAG.num_ranks, periodic=False)
+    relaxation = HullRelaxation(DAG, options, P2P_POWER)
+    t_min = simulate(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER).iteration_time
+    gains = []
+    for stretch in (1.0, 1.004, 1.008, 1.012):
+        relaxed = relaxation.solve(t_min * stretch)
+        job = RoundingJob(t_min * stretch, relaxed.durations, relaxed.lower_bound, zero_slowdown=stretch == 1.0)
+        plain = round_with.energy(round_with.round(job))
+        restarted = round_with.round(dataclasses.replace(job, restarts=8))
+        assert iteration_time(DAG, options, restarted) <= job.deadline * (1 + 1e-9)
+        assert round_with.energy(restarted) <= plain
+        gains.append(1 - round_with.energy(restarted) / plain)
+    assert max(gains) > 1e-3, gains
+    revived = pickle.loads(pickle.dumps(round_with))  # as a worker receives it: without this process's LP
+    assert revived._relaxation is None and np.array_equal(revived.round(job), round_with.round(job))
 
 
 def test_workers_round_in_other_processes_and_keep_the_jobs_order() -> None:

@@ -9,7 +9,16 @@ from rich.console import Console
 from rich.table import Table
 
 from perseus_lightning.cli.pipeline_args import add_pipeline_arguments, load_pipeline
-from perseus_lightning.core.planner import DEFAULT_STEP, EXACT_SECONDS, PARALLEL_MIN_NODES, Frontier, plan_frontier
+from perseus_lightning.core.planner import (
+    DEFAULT_STEP,
+    EXACT_SECONDS,
+    MAX_RESTARTS,
+    PARALLEL_MIN_NODES,
+    RESTART_NODES,
+    RESTART_WITHIN,
+    Frontier,
+    plan_frontier,
+)
 from perseus_lightning.core.rounding import available_cpus
 
 DESCRIPTION = f"""\
@@ -37,6 +46,10 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--points", type=int, metavar="N", help="plan N deadlines evenly from T_min to T* instead")
     parser.add_argument("--exact-seconds", type=float, default=EXACT_SECONDS, metavar="S",
                         help=f"time for exact MILP solves on small pipelines (default {EXACT_SECONDS:g}; 0: none)")
+    parser.add_argument("--restarts", type=int, metavar="N",
+                        help=f"other optimal LP solutions to round at deadlines within {100 * RESTART_WITHIN:g} %% of T_min "
+                             f"whose plan is still above its target (default: {RESTART_NODES} / instructions, at "
+                             f"most {MAX_RESTARTS}; more take longer, for plans as cheap or cheaper)")
     parser.add_argument("--workers", type=int, default=available_cpus(), metavar="N",
                         help=f"processes that round deadlines in parallel, on pipelines of {PARALLEL_MIN_NODES} "
                              "instructions or more (default: the CPUs available, %(default)s here; same plans with 1)")
@@ -52,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     with console.status("planning the frontier..."):
         frontier = plan_frontier(
             pipeline.profile, pipeline.dag, pipeline.p2p_power, points=args.points, exact_seconds=args.exact_seconds,
-            workers=args.workers,
+            workers=args.workers, restarts=args.restarts,
         )
     elapsed = time.perf_counter() - started
     frontier.save(args.output)

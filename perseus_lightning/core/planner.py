@@ -15,7 +15,10 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
    ``T_min``, the targets for every plan and for zero slowdown), moves instructions off
    clocks above their convex hull, one at a time, repairing the deadline around each
    (:mod:`perseus_lightning.core.hull_jumps`), and reclaims the slack left; a plan then within
-   ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`).
+   ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`);
+5. where the plan is still above that target and the deadline within ``RESTART_WITHIN`` of
+   ``T_min``, rounds ``restarts`` other vertices of the LP's optimal face at the deadline in the same
+   way, and keeps the cheapest plan (:mod:`perseus_lightning.core.rounding`).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
@@ -69,6 +72,13 @@ EXACT_SECONDS = 5.0
 """Default time budget of the exact MILP solves, per frontier (only small pipelines use them)."""
 PERIODIC_MIN_NODES = 4096
 """Instructions from which a synchronous-1F1B pipeline is planned with the periodic LP."""
+RESTART_WITHIN = 0.012
+"""Deadlines up to this fraction of ``T_min`` past it get restarts: on the measured profiles every
+restart that found a cheaper plan was there (docs/planner-research.md, session 27)."""
+RESTART_NODES = 1500
+"""Default restarts per deadline: ``RESTART_NODES // instructions``, at most ``MAX_RESTARTS``
+(7 at 8 x 12, 1 at 8 x 48, none from 8 x 96 on, where the speed target leaves no time for them)."""
+MAX_RESTARTS = 8
 PARALLEL_MIN_NODES = 300
 """Instructions from which ``workers`` > 1 round deadlines on worker processes (below, starting
 them, about 0.6 s, costs more than they save)."""
@@ -193,6 +203,7 @@ def plan_frontier(
     points: int | None = None,
     exact_seconds: float = EXACT_SECONDS,
     workers: int = 1,
+    restarts: int | None = None,
 ) -> Frontier:
     """Compute the iteration time–energy frontier of ``dag`` from ``T_min`` to ``T*``.
 
@@ -203,6 +214,10 @@ def plan_frontier(
     first on the zero-slowdown plan, then on the remaining wide gaps (not with ``points``). The
     returned plans are Pareto-optimal among those found, and end at ``T*``: the first plan within
     ``FLAT_TOLERANCE`` of the minimum energy.
+
+    ``restarts`` other vertices of the LP's optimal face are rounded at each deadline within
+    ``RESTART_WITHIN`` of ``T_min`` whose plan stays above its target (by default ``RESTART_NODES //
+    instructions``, at most ``MAX_RESTARTS``): more time, for plans that are cheaper or the same.
 
     With ``workers`` > 1, pipelines of ``PARALLEL_MIN_NODES`` instructions or more (on the full LP)
     round deadlines on that many worker processes (:class:`~perseus_lightning.core.rounding.RoundingPool`);
@@ -217,7 +232,11 @@ def plan_frontier(
         raise PlanError(f"exact_seconds is {exact_seconds}. Fix: give 0 (no exact solves) or more, e.g. {EXACT_SECONDS:g}.")
     if workers < 1:
         raise PlanError(f"workers is {workers}. Fix: give 1 (plan in this process) or more.")
-    sweep = _Sweep(profile, dag, p2p_power)
+    if restarts is None:
+        restarts = min(RESTART_NODES // dag.num_nodes, MAX_RESTARTS)
+    if restarts < 0:
+        raise PlanError(f"restarts is {restarts}. Fix: give 0 (none) or more.")
+    sweep = _Sweep(profile, dag, p2p_power, restarts)
     parallel = workers > 1 and not sweep.periodic and dag.num_nodes >= PARALLEL_MIN_NODES
     with RoundingPool(sweep.rounder, workers if parallel else 1) as pool:
         t_min = sweep.baseline.iteration_time
@@ -274,7 +293,7 @@ def _plan_exactly(sweep: _Sweep, plans: list[FrontierPlan], t_min: float, until:
 class _Sweep:
     """Plans at successive deadlines (on the periodic LP, each also seeded by the previous deadline's plan)."""
 
-    def __init__(self, profile: Profile, dag: InstructionDAG, p2p_power: float) -> None:
+    def __init__(self, profile: Profile, dag: InstructionDAG, p2p_power: float, restarts: int) -> None:
         self.dag = dag
         self.p2p_power = p2p_power
         self.stage_profile = profile.for_stages(dag.schedule.stage_ranks)
@@ -289,6 +308,7 @@ class _Sweep:
         """Whether the periodic LP plans this (long) pipeline. For time, it then skips relax-and-fix
         and reclamation by value, and seeds each deadline with the previous deadline's plan instead."""
         self.rounder = Rounder(dag, self.options, p2p_power * dag.num_ranks, self.periodic)
+        self.restarts = restarts
         self.previous = self.rounder.fastest
         self.found: list[FrontierPlan] = []
         self._choices: dict[int, np.ndarray] = {}
@@ -311,8 +331,10 @@ class _Sweep:
             starts = [] if seed is None else [self._choices[id(seed)]]
             if self.periodic:
                 starts.append(self.previous)
-            zero_slowdown = deadline <= self.baseline.iteration_time * (1 + DEADLINE_TOLERANCE)
-            return RoundingJob(deadline, relaxed.durations, relaxed.lower_bound, tuple(starts), zero_slowdown)
+            t_min = self.baseline.iteration_time
+            zero_slowdown = deadline <= t_min * (1 + DEADLINE_TOLERANCE)
+            restarts = self.restarts if deadline <= t_min * (1 + RESTART_WITHIN + DEADLINE_TOLERANCE) else 0
+            return RoundingJob(deadline, relaxed.durations, relaxed.lower_bound, tuple(starts), zero_slowdown, restarts)
 
         if self.periodic:
             for deadline, seed in requests:

@@ -21,6 +21,13 @@ from perseus_lightning.core.highs_model import edge_rows, load_model
 from perseus_lightning.core.options import ClockOptions
 
 
+FACE_SLACK = 1e-9
+"""Relative slack on the optimal cost within which :meth:`SegmentLP.other_optima` looks (float noise)."""
+FACE_FEASIBILITY = 1e-9
+"""HiGHS's primal feasibility tolerance (s) in those solves: with HiGHS's default, 1e-7, a random
+objective's vertex could end 1e-8 of the deadline late on short pipelines."""
+
+
 @dataclass(frozen=True)
 class RelaxedSolution:
     """Optimum of the relaxation at one deadline."""
@@ -58,6 +65,41 @@ class SegmentLP:
         import highspy
 
         return self._solve(earliest, highspy.kHighsInf)
+
+    def other_optima(self, deadline: float, count: int, seed: int) -> list[np.ndarray]:
+        """Per-node durations of up to ``count`` vertices of the optimal face at ``deadline``: the
+        optimum solved afresh (not warm-started from another deadline), then, with the cost held
+        at it, the optima of random objectives over the segment columns. The LP is degenerate and
+        roundings of its optimal vertices differ (:mod:`perseus_lightning.core.rounding`). The same
+        vertices for the same ``seed``; the model is left as built."""
+        import highspy
+
+        solver = self._solver
+        solver.clearSolver()
+        optimum = self._solve(0.0, deadline)
+        found = [optimum.durations]
+        segments = int(self._offsets[-1])
+        columns = np.arange(self._first_segment_col, self._first_segment_col + segments, dtype=np.int32)
+        cost = float(self._segment_costs @ np.asarray(solver.getSolution().col_value)[columns])
+        idle_cost = solver.getLp().col_cost_[self._deadline_col]
+        _, tolerance = solver.getOptionValue("primal_feasibility_tolerance")
+        solver.changeColBounds(self._deadline_col, optimum.deadline, optimum.deadline)
+        solver.changeColCost(self._deadline_col, 0.0)
+        solver.addRow(-highspy.kHighsInf, cost + FACE_SLACK * abs(cost), segments, columns, self._segment_costs)
+        solver.setOptionValue("primal_feasibility_tolerance", FACE_FEASIBILITY)
+        rng = np.random.default_rng(seed)
+        for _ in range(count - 1):
+            solver.changeColsCost(segments, columns, rng.standard_normal(segments))
+            solver.run()
+            if solver.getModelStatus() != highspy.HighsModelStatus.kOptimal:
+                break
+            found.append(self._durations(np.asarray(solver.getSolution().col_value)))
+        solver.deleteRows(1, np.array([solver.getNumRow() - 1], dtype=np.int32))
+        solver.changeColsCost(segments, columns, self._segment_costs)
+        solver.changeColCost(self._deadline_col, idle_cost)
+        solver.setOptionValue("primal_feasibility_tolerance", tolerance)
+        solver.clearSolver()
+        return found
 
     def admits(self, deadline: float) -> bool:
         """Whether the LP has a solution finishing by ``deadline``."""
@@ -124,11 +166,14 @@ class SegmentLP:
             status = self._solver.modelStatusToString(self._solver.getModelStatus())
             raise ValueError(f"{type(self).__name__} with deadline in [{lower}, {upper}] s is {status}")
         x = np.asarray(self._solver.getSolution().col_value)
+        bound = self._solver.getInfo().objective_function_value if self.bounds else None
+        return RelaxedSolution(float(x[self._deadline_col]), bound, self._durations(x))
+
+    def _durations(self, x: np.ndarray) -> np.ndarray:
+        """Per-DAG-node durations of the LP's column values ``x``."""
         segments = x[self._first_segment_col : self._first_segment_col + self._offsets[-1]]
         filled = np.concatenate([[0.0], np.cumsum(segments)])
-        durations = self._fastest + filled[self._offsets[1:]] - filled[self._offsets[:-1]]
-        bound = self._solver.getInfo().objective_function_value if self.bounds else None
-        return RelaxedSolution(float(x[self._deadline_col]), bound, self._unfold(durations))
+        return self._unfold(self._fastest + filled[self._offsets[1:]] - filled[self._offsets[:-1]])
 
 
 class HullRelaxation(SegmentLP):

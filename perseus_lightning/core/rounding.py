@@ -8,6 +8,12 @@ them is still more than ``JUMP_ABOVE`` above the LP bound, hull jumps move instr
 above their convex hull (:mod:`perseus_lightning.core.hull_jumps`), and a plan then within
 ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`).
 
+A plan still above its target may then get *restarts*: the LP is degenerate, its optimum at a deadline
+is a whole face, and roundings of different vertices of that face end up far apart (A40, 8 x 12,
+1.004 ``T_min``: the warm-started vertex rounds to 0.43 % above the bound, the one solved afresh to
+0.35 %). :class:`Rounder` rounds the job's ``restarts`` more of them (:meth:`~perseus_lightning.core.relaxation.SegmentLP.other_optima`)
+the same way and keeps the cheapest plan.
+
 Deadlines round independently of each other once their LP is solved, so :class:`RoundingPool`
 can round them on worker processes while the planner solves the next LPs (warm-started, in order).
 Results come back in the order the jobs were given, and are the same as in one process.
@@ -21,7 +27,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
@@ -35,6 +41,7 @@ from perseus_lightning.core.neighbourhood import WINDOW as SEARCH_WINDOW
 from perseus_lightning.core.neighbourhood import search_neighbourhood
 from perseus_lightning.core.options import ClockOptions
 from perseus_lightning.core.relax_and_fix import relax_and_fix
+from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import CHEAPER, option_durations, plan_energy, reclaim_slack, reclaim_slack_by_value
 
@@ -71,6 +78,9 @@ class RoundingJob:
     """More starting plans (option indices), e.g. a faster neighbour's plan or the previous deadline's."""
     zero_slowdown: bool = False
     """Whether ``deadline`` is ``T_min``: the zero-slowdown plan, held to a tighter target (``JUMP_ABOVE_AT_T_MIN``)."""
+    restarts: int = 0
+    """Vertices of the LP's optimal face to round too if the plan stays above its target
+    (:meth:`~perseus_lightning.core.relaxation.SegmentLP.other_optima`)."""
 
 
 class Rounder:
@@ -81,28 +91,62 @@ class Rounder:
         self.periodic = periodic
         """Long pipelines on the periodic LP: no relax-and-fix and no reclamation by value, for time."""
         self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
+        self._relaxation: HullRelaxation | None = None
+        """This process's own LP, for the restarts (built on first use, never pickled)."""
+
+    def __getstate__(self) -> dict[str, object]:
+        return {**self.__dict__, "_relaxation": None}
 
     def round(self, job: RoundingJob) -> np.ndarray:
         """The cheapest plan found for ``job`` that finishes by its deadline (all-max-clock's
         reclaimed plan if no start does: the LP's durations end past it by float noise)."""
-        limits = (job.durations * (1 + ROUNDING_TOLERANCE)).tolist()
-        starts = [np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)]), *job.starts]
-        rounding = None if self.periodic else relax_and_fix(self.dag, self.options, job.durations, job.deadline)
-        if rounding is not None:
-            starts.append(rounding)
-        reclaimed = [r for c in starts for r in self.reclaimed(c, job.deadline)]
-        if not reclaimed:
-            reclaimed = self.reclaimed(self.fastest, job.deadline)
-        energies = [self.energy(c) for c in reclaimed]
-        best = int(np.argmin(energies))
-        plan, energy = reclaimed[best], energies[best]
+        plan, energy = self._rounded(job.durations, job.deadline, job.starts)
         if self.periodic or job.lower_bound is None:
             return plan
-        if energy > job.lower_bound * (1 + (JUMP_ABOVE_AT_T_MIN if job.zero_slowdown else JUMP_ABOVE)):
+        plan, energy = self._improved(plan, energy, job)
+        if job.restarts and energy > self._target(job):
+            plan, energy = self._restarted(plan, energy, job)
+        return plan
+
+    def _target(self, job: RoundingJob) -> float:
+        """The energy above which the job's plan gets hull jumps (and restarts)."""
+        assert job.lower_bound is not None
+        return job.lower_bound * (1 + (JUMP_ABOVE_AT_T_MIN if job.zero_slowdown else JUMP_ABOVE))
+
+    def _rounded(self, durations: np.ndarray, deadline: float, starts: Sequence[np.ndarray] = ()) -> tuple[np.ndarray, float]:
+        """The cheapest of ``starts`` and the roundings of ``durations``, reclaimed, with its energy."""
+        limits = (durations * (1 + ROUNDING_TOLERANCE)).tolist()
+        starts = [np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)]), *starts]
+        rounding = None if self.periodic else relax_and_fix(self.dag, self.options, durations, deadline)
+        if rounding is not None:
+            starts.append(rounding)
+        reclaimed = [r for c in starts for r in self.reclaimed(c, deadline)]
+        if not reclaimed:
+            reclaimed = self.reclaimed(self.fastest, deadline)
+        energies = [self.energy(c) for c in reclaimed]
+        best = int(np.argmin(energies))
+        return reclaimed[best], energies[best]
+
+    def _improved(self, plan: np.ndarray, energy: float, job: RoundingJob) -> tuple[np.ndarray, float]:
+        """``plan`` after hull jumps, if above its target, then search, if within ``SEARCH_BELOW``."""
+        assert job.lower_bound is not None
+        if energy > self._target(job):
             plan, energy = self._jumped(plan, energy, job.deadline)
         if job.lower_bound * (1 + JUMP_ABOVE) < energy <= job.lower_bound * (1 + SEARCH_BELOW):
-            return self._searched(plan, energy, job.deadline, job.lower_bound)
-        return plan
+            plan, energy = self._searched(plan, energy, job.deadline, job.lower_bound)
+        return plan, energy
+
+    def _restarted(self, plan: np.ndarray, energy: float, job: RoundingJob) -> tuple[np.ndarray, float]:
+        """The cheapest of ``plan`` and the roundings of the job's ``restarts`` vertices of the LP's
+        optimal face at its deadline (the first solved afresh), each improved as ``plan`` was."""
+        if self._relaxation is None:
+            self._relaxation = HullRelaxation(self.dag, self.options, self.idle_power / self.dag.num_ranks)
+        seed = int(np.float64(job.deadline).view(np.uint64))  # the same plans with workers or without
+        for durations in self._relaxation.other_optima(job.deadline, job.restarts, seed):
+            other, other_energy = self._improved(*self._rounded(durations, job.deadline), job)
+            if other_energy < energy * (1 - CHEAPER):
+                plan, energy = other, other_energy
+        return plan, energy
 
     def energy(self, choice: np.ndarray) -> float:
         """The iteration energy of option indices ``choice`` (what :func:`simulate` computes, from the options)."""
@@ -128,7 +172,7 @@ class Rounder:
                 plan, energy = candidate, candidate_energy
         return plan, energy
 
-    def _searched(self, plan: np.ndarray, energy: float, deadline: float, lower_bound: float) -> np.ndarray:
+    def _searched(self, plan: np.ndarray, energy: float, deadline: float, lower_bound: float) -> tuple[np.ndarray, float]:
         """``plan`` after neighbourhood-search passes (windows aligned, then shifted by half a
         window, in turn), each reclaimed; the cheapest plan seen."""
         for number in range(SEARCH_PASSES):
@@ -144,7 +188,7 @@ class Rounder:
                 plan, energy = candidates[best], energies[best]
             if gain < SEARCH_GAIN:
                 break
-        return plan
+        return plan, energy
 
 
 
