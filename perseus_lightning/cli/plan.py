@@ -47,7 +47,7 @@ def register(commands: argparse._SubParsersAction) -> None:
     parser.add_argument("--exact-seconds", type=float, default=EXACT_SECONDS, metavar="S",
                         help=f"time for exact MILP solves on small pipelines (default {EXACT_SECONDS:g}; 0: none)")
     parser.add_argument("--restarts", type=int, metavar="N",
-                        help=f"other optimal LP solutions to round at deadlines within {100 * RESTART_WITHIN:g} %% of T_min "
+                        help=f"more optimal LP solutions to round at deadlines within {100 * RESTART_WITHIN:g} %% of T_min "
                              f"whose plan is still above its target (default: {RESTART_NODES} / instructions, at "
                              f"most {MAX_RESTARTS}; more take longer, for plans as cheap or cheaper)")
     parser.add_argument("--workers", type=int, default=available_cpus(), metavar="N",
