@@ -388,9 +388,9 @@ def test_hull_jumps_never_cost_more_and_find_cheaper_plans_where_the_plan_is_far
     assert np.any(plans[0.0] < plans[math.inf] * (1 - 1e-6))
 
 
-def test_the_sweep_rounds_only_the_t_min_deadline_as_zero_slowdown() -> None:
+def test_the_sweep_rounds_only_the_t_min_deadline_as_zero_slowdown_and_restarts_only_near_it() -> None:
     profile = noisy_profile(3, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
-    sweep = planner._Sweep(profile, dag_of("1f1b", 4, 8), P2P_POWER, 0)
+    sweep = planner._Sweep(profile, dag_of("1f1b", 4, 8), P2P_POWER, 3)
     t_min = sweep.baseline.iteration_time
     seen: list[RoundingJob] = []
 
@@ -400,8 +400,10 @@ def test_the_sweep_rounds_only_the_t_min_deadline_as_zero_slowdown() -> None:
             seen.extend(jobs)
             return super().map(jobs)
 
-    list(sweep.plan_each(Recording(sweep.rounder), [(t_min, None), (t_min * 1.004, None)]))
-    assert [job.zero_slowdown for job in seen] == [True, False]
+    stretches = (1.0, 1.004, 1 + planner.RESTART_WITHIN, 1 + 1.5 * planner.RESTART_WITHIN)
+    list(sweep.plan_each(Recording(sweep.rounder), [(t_min * s, None) for s in stretches]))
+    assert [job.zero_slowdown for job in seen] == [True, False, False, False]
+    assert [job.restarts for job in seen] == [3, 3, 3, 0]
 
 
 # --------------------------------------------------------------------------- frontier invariants

@@ -18,7 +18,8 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
    ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`);
 5. where the plan is still above that target and the deadline within ``RESTART_WITHIN`` of
    ``T_min``, rounds ``restarts`` more vertices of the LP's optimal face at the deadline in the same
-   way (the first solved afresh, the others by random objectives), and keeps the cheapest plan (:mod:`perseus_lightning.core.rounding`).
+   way (the first solved afresh, the others by random objectives), and keeps the cheapest plan
+   (:mod:`perseus_lightning.core.rounding`).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
