@@ -142,7 +142,13 @@ class Rounder:
         if self._relaxation is None:
             self._relaxation = HullRelaxation(self.dag, self.options, self.idle_power / self.dag.num_ranks)
         seed = int(np.float64(job.deadline).view(np.uint64))  # the same plans with workers or without
+        # The same durations round to the same plan: skip those rounded already (at T_min, the first
+        # vertex is the sweep's own, whose LP solve there was not warm-started either).
+        rounded = set() if job.starts else {job.durations.tobytes()}
         for durations in self._relaxation.other_optima(job.deadline, job.restarts, seed):
+            if durations.tobytes() in rounded:
+                continue
+            rounded.add(durations.tobytes())
             other, other_energy = self._improved(*self._rounded(durations, job.deadline), job)
             if other_energy < energy * (1 - CHEAPER):
                 plan, energy = other, other_energy
