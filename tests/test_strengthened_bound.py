@@ -1,9 +1,12 @@
 """The strengthened lower bound: never above any plan's energy, never below the LP bound, and tight
-where a rank's pairs of instructions cannot fill the window that a pinned rank leaves them."""
+where a rank's pairs of instructions cannot fill the window that a pinned rank leaves them, or that a
+slower rank's next forward and backward leave them above T_min (the window floors)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+import itertools
 
 import numpy as np
 import pytest
@@ -15,7 +18,9 @@ from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.planner import plan_frontier
 from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.relaxation import HullRelaxation
-from perseus_lightning.core.strengthened_bound import fitting_options, strengthened_lower_bound
+from perseus_lightning.core.simulator import earliest_schedule
+from perseus_lightning.core.slack import option_durations
+from perseus_lightning.core.strengthened_bound import fitting_options, strengthened_lower_bound, window_floors
 from planning_instances import iteration_time
 from test_planner import P2P_POWER, SYNTHETIC_SHAPES, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
 
@@ -58,6 +63,46 @@ def test_pairs_that_cannot_fill_their_window_raise_the_bound_to_the_optimum() ->
     assert fitting == pytest.approx(lp, rel=1e-9)
     assert bound > lp * (1 + 1e-3)
     assert bound == pytest.approx(optimum.lower_bound, rel=1e-9)
+
+
+def test_every_plan_satisfies_every_window_floor() -> None:
+    # Rank 1 is the slower: rank 0's backward and next forward sit in the gap that rank 1's forward
+    # and backward between them leave. Two clocks each: all 4,096 plans.
+    profile = smooth_profile((1110, 1410), [(0.037, 0.075), (0.04, 0.08)])
+    dag = dag_of("1f1b", 2, 3)
+    options = clock_options(dag, profile, P2P_POWER)
+    floors = window_floors(dag, options)
+    assert floors
+    tightest = np.inf
+    for combination in itertools.product(*(range(len(opt.time)) for opt in options)):
+        choice = np.array(combination)
+        start, end = earliest_schedule(dag, option_durations(options, choice))
+        for floor in floors:
+            first, second = floor.pair
+            before, after = floor.gap
+            spent = options[first].cost[choice[first]] + options[second].cost[choice[second]]
+            line = floor.intercept + floor.slope * (start[after] - end[before])
+            assert spent >= line - 1e-9 * abs(line)
+            tightest = min(tightest, spent - line)
+    assert tightest < 1e-9  # some plan is on a line: the floors are as high as they may be
+
+
+def test_window_floors_raise_the_bound_above_t_min_and_stay_below_the_optimum() -> None:
+    # The pipeline of the test above with six microbatches and three clocks: above T_min the pinned
+    # rank's windows widen, but rank 1's forward and backward still set rank 0's gaps.
+    profile = smooth_profile((1110, 1260, 1410), [(0.037, 0.075), (0.04, 0.08)])
+    dag = dag_of("1f1b", 2, 6)
+    options = clock_options(dag, profile, P2P_POWER)
+    for multiple in (1.005, 1.01):
+        deadline = multiple * t_min(dag, options)
+        lp = HullRelaxation(dag, options, P2P_POWER)
+        floored = HullRelaxation(dag, options, P2P_POWER)
+        for floor in window_floors(dag, options):
+            floored.add_window_floor(floor.pair, floor.gap, floor.slope, floor.intercept)
+        optimum = ExactPlanner(dag, options, P2P_POWER).solve(deadline, np.zeros(dag.num_nodes, dtype=np.int64))
+        assert optimum.optimal
+        assert floored.solve(deadline).lower_bound > lp.solve(deadline).lower_bound * (1 + 5e-4)
+        assert strengthened_lower_bound(dag, options, P2P_POWER, deadline) <= optimum.lower_bound * (1 + 1e-9)
 
 
 @pytest.mark.parametrize("shape", ["noisy-gpipe-3x6", "smooth-interleaved-4x8", "noisy-zero-bubble-4x8"])

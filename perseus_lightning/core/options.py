@@ -64,18 +64,21 @@ class ClockOptions:
     @cached_property
     def hull(self) -> list[int]:
         """Option indices of the lower hull's vertices, fastest first."""
-        hull: list[int] = []
-        for i in range(len(self.time)):
-            while len(hull) >= 2:
-                a, b = hull[-2], hull[-1]
-                cross = (self.time[b] - self.time[a]) * (self.cost[i] - self.cost[a]) - (self.cost[b] - self.cost[a]) * (
-                    self.time[i] - self.time[a]
-                )
-                if cross > 0:
-                    break
-                hull.pop()
-            hull.append(i)
-        return hull
+        return lower_hull_indices(self.time, self.cost)
+
+
+def lower_hull_indices(time: np.ndarray, cost: np.ndarray) -> list[int]:
+    """Indices of the vertices of the lower convex hull of points ``(time, cost)`` sorted by time
+    (rising), left to right."""
+    hull: list[int] = []
+    for i in range(len(time)):
+        while len(hull) >= 2:
+            a, b = hull[-2], hull[-1]
+            if (time[b] - time[a]) * (cost[i] - cost[a]) - (cost[b] - cost[a]) * (time[i] - time[a]) > 0:
+                break
+            hull.pop()
+        hull.append(i)
+    return hull
 
 
 def clock_options(dag: InstructionDAG, stage_profile: Profile, p2p_power: float) -> list[ClockOptions]:

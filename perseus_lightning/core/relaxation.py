@@ -60,6 +60,12 @@ class SegmentLP:
         """The optimum over iteration times up to ``deadline`` (past ``T*`` it stays at ``T*``)."""
         return self._solve(0.0, deadline)
 
+    def solve_afresh(self, deadline: float) -> RelaxedSolution:
+        """:meth:`solve`, not warm-started from an earlier solve: the same optimal vertex whatever
+        this LP solved before (the LP is degenerate, and warm starts land on different vertices)."""
+        self._solver.clearSolver()
+        return self._solve(0.0, deadline)
+
     def min_energy(self, earliest: float = 0.0) -> RelaxedSolution:
         """The minimum-energy point over all deadlines from ``earliest`` on: the LP's ``T*``."""
         import highspy
@@ -75,8 +81,7 @@ class SegmentLP:
         import highspy
 
         solver = self._solver
-        solver.clearSolver()
-        optimum = self._solve(0.0, deadline)
+        optimum = self.solve_afresh(deadline)
         found = [optimum.durations]
         segments = int(self._offsets[-1])
         columns = np.arange(self._first_segment_col, self._first_segment_col + segments, dtype=np.int32)
@@ -201,3 +206,18 @@ class HullRelaxation(SegmentLP):
         constant = sum(self._fastest_costs[n] for n in nodes)
         index = (self._first_segment_col + segments).astype(np.int32)
         self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, self._segment_costs[segments])
+
+    def add_window_floor(self, pair: tuple[int, int], gap: tuple[int, int], slope: float, intercept: float) -> None:
+        """Add a row: the summed hull cost of the two ``pair`` nodes is at least ``intercept + slope *
+        w`` (J), ``w`` the time (s) from the end of ``gap[0]`` to the start of ``gap[1]``. A valid cut
+        when every plan satisfies it, e.g. :func:`~perseus_lightning.core.strengthened_bound.window_floors`."""
+        import highspy
+
+        before, after = gap
+        pair_segments = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in pair])
+        before_segments = np.arange(self._offsets[before], self._offsets[before + 1])
+        # w = s_after - s_before - (fastest_before + its segments)
+        index = np.concatenate([self._first_segment_col + pair_segments, self._first_segment_col + before_segments, [after, before]])
+        value = np.concatenate([self._segment_costs[pair_segments], np.full(len(before_segments), slope), [-slope, slope]])
+        lower = intercept - slope * self._fastest[before] - sum(self._fastest_costs[n] for n in pair)
+        self._solver.addRow(lower, highspy.kHighsInf, len(index), index.astype(np.int32), value)
