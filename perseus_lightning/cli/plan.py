@@ -48,8 +48,9 @@ def register(commands: argparse._SubParsersAction) -> None:
                         help=f"time for exact MILP solves on small pipelines (default {EXACT_SECONDS:g}; 0: none)")
     parser.add_argument("--restarts", type=int, metavar="N",
                         help=f"more optimal LP solutions to round at deadlines within {100 * RESTART_WITHIN:g} %% of T_min "
-                             f"whose plan is still above its target (default: {RESTART_NODES} / instructions, at "
-                             f"most {MAX_RESTARTS}; more take longer, for plans as cheap or cheaper)")
+                             f"whose plan is still above its target, with the optimum of the LP with window floors (default: "
+                             f"{RESTART_NODES} / instructions, at most {MAX_RESTARTS}; 0: neither; more take longer, "
+                             f"for plans as cheap or cheaper)")
     parser.add_argument("--workers", type=int, default=available_cpus(), metavar="N",
                         help=f"processes that round deadlines in parallel, on pipelines of {PARALLEL_MIN_NODES} "
                              "instructions or more (default: the CPUs available, %(default)s here; same plans with 1)")

@@ -18,8 +18,9 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
    ``SEARCH_BELOW`` of the bound gets neighbourhood search (:mod:`perseus_lightning.core.neighbourhood`);
 5. where the plan is still above that target and the deadline within ``RESTART_WITHIN`` of
    ``T_min``, rounds ``restarts`` more vertices of the LP's optimal face at the deadline in the same
-   way (the first solved afresh, the others by random objectives), and keeps the cheapest plan
-   (:mod:`perseus_lightning.core.rounding`).
+   way (the first solved afresh, the others by random objectives), and the optimum of the LP with
+   window floors (:func:`~perseus_lightning.core.strengthened_bound.window_floors`), and keeps the
+   cheapest plan (:mod:`perseus_lightning.core.rounding`).
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
@@ -216,10 +217,10 @@ def plan_frontier(
     returned plans are Pareto-optimal among those found, and end at ``T*``: the first plan within
     ``FLAT_TOLERANCE`` of the minimum energy.
 
-    ``restarts`` more vertices of the LP's optimal face are rounded at each deadline within
-    ``RESTART_WITHIN`` of ``T_min`` whose plan stays above its target (by default ``RESTART_NODES //
-    instructions``, at most ``MAX_RESTARTS``; not on the periodic LP): more time, for plans that are
-    cheaper or the same.
+    ``restarts`` more vertices of the LP's optimal face, and the optimum of the LP with window floors,
+    are rounded at each deadline within ``RESTART_WITHIN`` of ``T_min`` whose plan stays above its
+    target (by default ``RESTART_NODES // instructions``, at most ``MAX_RESTARTS``; none with 0, and
+    not on the periodic LP): more time, for plans that are cheaper or the same.
 
     With ``workers`` > 1, pipelines of ``PARALLEL_MIN_NODES`` instructions or more (on the full LP)
     round deadlines on that many worker processes (:class:`~perseus_lightning.core.rounding.RoundingPool`);
