@@ -124,8 +124,7 @@ def test_restarts_round_the_optimum_of_the_lp_with_window_floors() -> None:
     t_min = simulate(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER).iteration_time
     relaxed = HullRelaxation(DAG, options, P2P_POWER).solve(t_min)
     floored = HullRelaxation(DAG, options, P2P_POWER)
-    for window in window_floors(DAG, options):
-        floored.add_window_floor(window.pair, window.gap, window.slope, window.intercept)
+    floored.add_window_floors(window_floors(DAG, options))
     job = RoundingJob(t_min, relaxed.durations, relaxed.lower_bound, zero_slowdown=True)
     plain = round_with.energy(round_with.round(job))
     of_floored = round_with.energy(round_with.round(dataclasses.replace(job, durations=floored.solve(t_min).durations)))

@@ -97,8 +97,7 @@ def test_window_floors_raise_the_bound_above_t_min_and_stay_below_the_optimum() 
         deadline = multiple * t_min(dag, options)
         lp = HullRelaxation(dag, options, P2P_POWER)
         floored = HullRelaxation(dag, options, P2P_POWER)
-        for floor in window_floors(dag, options):
-            floored.add_window_floor(floor.pair, floor.gap, floor.slope, floor.intercept)
+        floored.add_window_floors(window_floors(dag, options))
         optimum = ExactPlanner(dag, options, P2P_POWER).solve(deadline, np.zeros(dag.num_nodes, dtype=np.int64))
         assert optimum.optimal
         assert floored.solve(deadline).lower_bound > lp.solve(deadline).lower_bound * (1 + 5e-4)

@@ -11,8 +11,9 @@ deadline's bound changes, so every solve after the first starts from the previou
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -20,6 +21,8 @@ from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.highs_model import edge_rows, load_model
 from perseus_lightning.core.options import ClockOptions
 
+if TYPE_CHECKING:
+    from perseus_lightning.core.strengthened_bound import WindowFloor
 
 FACE_SLACK = 1e-9
 """Relative slack on the optimal cost within which :meth:`SegmentLP.other_optima` looks (float noise)."""
@@ -207,17 +210,23 @@ class HullRelaxation(SegmentLP):
         index = (self._first_segment_col + segments).astype(np.int32)
         self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, self._segment_costs[segments])
 
-    def add_window_floor(self, pair: tuple[int, int], gap: tuple[int, int], slope: float, intercept: float) -> None:
-        """Add a row: the summed hull cost of the two ``pair`` nodes is at least ``intercept + slope *
-        w`` (J), ``w`` the time (s) from the end of ``gap[0]`` to the start of ``gap[1]``. A valid cut
-        when every plan satisfies it, e.g. :func:`~perseus_lightning.core.strengthened_bound.window_floors`."""
+    def add_window_floors(self, floors: Sequence[WindowFloor]) -> None:
+        """Add a row per floor: the summed hull cost of its ``pair`` is at least ``intercept + slope *
+        w`` (J), ``w`` the time (s) from the end of ``gap[0]`` to the start of ``gap[1]``. Valid cuts
+        when every plan satisfies them (:func:`~perseus_lightning.core.strengthened_bound.window_floors`)."""
         import highspy
 
-        before, after = gap
-        pair_segments = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in pair])
-        before_segments = np.arange(self._offsets[before], self._offsets[before + 1])
-        # w = s_after - s_before - (fastest_before + its segments)
-        index = np.concatenate([self._first_segment_col + pair_segments, self._first_segment_col + before_segments, [after, before]])
-        value = np.concatenate([self._segment_costs[pair_segments], np.full(len(before_segments), slope), [-slope, slope]])
-        lower = intercept - slope * self._fastest[before] - sum(self._fastest_costs[n] for n in pair)
-        self._solver.addRow(lower, highspy.kHighsInf, len(index), index.astype(np.int32), value)
+        if not floors:
+            return
+        indices, values, lowers = [], [], []
+        for floor in floors:
+            (first, second), (before, after) = floor.pair, floor.gap
+            pair_segments = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in (first, second)])
+            before_segments = np.arange(self._offsets[before], self._offsets[before + 1])
+            # w = s_after - s_before - (fastest_before + its segments)
+            indices.append(np.concatenate([self._first_segment_col + pair_segments, self._first_segment_col + before_segments, [after, before]]))
+            values.append(np.concatenate([self._segment_costs[pair_segments], np.full(len(before_segments), floor.slope), [-floor.slope, floor.slope]]))
+            lowers.append(floor.intercept - floor.slope * self._fastest[before] - self._fastest_costs[first] - self._fastest_costs[second])
+        starts = np.cumsum([0, *(len(index) for index in indices[:-1])]).astype(np.int32)
+        index = np.concatenate(indices).astype(np.int32)
+        self._solver.addRows(len(lowers), np.array(lowers), np.full(len(lowers), highspy.kHighsInf), len(index), starts, index, np.concatenate(values))

@@ -150,8 +150,7 @@ class Rounder:
             p2p_power = self.idle_power / self.dag.num_ranks
             self._relaxation = HullRelaxation(self.dag, self.options, p2p_power)
             self._floored = HullRelaxation(self.dag, self.options, p2p_power)
-            for window in window_floors(self.dag, self.options):
-                self._floored.add_window_floor(window.pair, window.gap, window.slope, window.intercept)
+            self._floored.add_window_floors(window_floors(self.dag, self.options))
         seed = int(np.float64(job.deadline).view(np.uint64))  # the same plans with workers or without
         # The same durations round to the same plan: skip those rounded already (at T_min, the first
         # vertex is the sweep's own, whose LP solve there was not warm-started either).

@@ -92,8 +92,7 @@ def strengthened_lower_bound(dag: InstructionDAG, options: list[ClockOptions], p
     relaxation = HullRelaxation(dag, fitting, p2p_power)
     for first, second, floor in floors:
         relaxation.add_cost_floor([first, second], floor)
-    for window in window_floors(dag, fitting):
-        relaxation.add_window_floor(window.pair, window.gap, window.slope, window.intercept)
+    relaxation.add_window_floors(window_floors(dag, fitting))
     return float(relaxation.solve(deadline).lower_bound)
 
 
@@ -104,6 +103,7 @@ def window_floors(dag: InstructionDAG, options: list[ClockOptions]) -> list[Wind
     of the pair's least cost over the gaps it can get."""
     fastest = [opt.time_list[0] for opt in options]
     gaps: dict[int, dict[int, float]] = {}
+    lines: dict[tuple[int, int, float], list[tuple[float, float]]] = {}  # nodes of a stage and kind share options
     floors = []
     for first, second in zip(dag.edge_sources.tolist(), dag.edge_targets.tolist()):
         for before in dag.predecessors[first]:
@@ -112,10 +112,10 @@ def window_floors(dag: InstructionDAG, options: list[ClockOptions]) -> list[Wind
             for after in dag.successors[second]:
                 shortest = gaps[before].get(after, 0.0)
                 if shortest > (fastest[first] + fastest[second]) * (1 + FIT_TOLERANCE):
-                    floors += [
-                        WindowFloor((first, second), (before, after), slope, intercept)
-                        for slope, intercept in _floor_lines(options[first], options[second], shortest)
-                    ]
+                    key = (id(options[first]), id(options[second]), shortest)
+                    if key not in lines:
+                        lines[key] = _floor_lines(options[first], options[second], shortest)
+                    floors += [WindowFloor((first, second), (before, after), slope, intercept) for slope, intercept in lines[key]]
     return floors
 
 
@@ -151,7 +151,7 @@ def _floor_lines(first: ClockOptions, second: ClockOptions, shortest: float) -> 
     for a, b in zip(hull, hull[1:]):
         (t1, c1), (t2, c2) = (corner_times[a], corner_costs[a]), (corner_times[b], corner_costs[b])
         slope = (c2 - c1) / (t2 - t1)
-        if t2 - t1 > NARROWEST_PIECE * t2 and not (lines and np.isclose(slope, lines[-1][0], rtol=1e-9, atol=0.0)):
+        if t2 - t1 > NARROWEST_PIECE * t2 and not (lines and abs(slope - lines[-1][0]) <= 1e-9 * abs(slope)):
             lines.append((slope, c1 - slope * t1))  # (a piece in line with the last, by float noise, adds nothing)
     return lines
 
