@@ -138,7 +138,7 @@ def _gaps_after(dag: InstructionDAG, fastest: list[float], node: int) -> dict[in
 def _floor_lines(first: ClockOptions, second: ClockOptions, shortest: float) -> list[tuple[float, float]]:
     """``(slope, intercept)`` of the pieces of the lower convex envelope, over gaps ``w >= shortest``,
     of the least summed cost of an option of each that fit ``w`` together (a falling step function):
-    each line is at or below it there (but those of pieces narrower than :data:`NARROWEST_PIECE`)."""
+    each line is at or below it there. Pieces narrower than :data:`NARROWEST_PIECE` are left out."""
     times = (first.time[:, None] + second.time[None, :]).ravel()
     costs = (first.cost[:, None] + second.cost[None, :]).ravel()
     corner_times, corner_costs = [shortest], [float(costs[times <= shortest].min())]
