@@ -14,14 +14,15 @@ import pytest
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.errors import PlanError
 from perseus_lightning.core.exact import ExactPlanner
+from perseus_lightning.core.gpu_model import A100_LIKE
 from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.planner import plan_frontier
-from perseus_lightning.core.profile import Profile
+from perseus_lightning.core.profile import BACKWARD, FORWARD, Profile
 from perseus_lightning.core.relaxation import HullRelaxation
 from perseus_lightning.core.simulator import earliest_schedule
 from perseus_lightning.core.slack import option_durations
 from perseus_lightning.core.strengthened_bound import fitting_options, strengthened_lower_bound, window_floors
-from planning_instances import iteration_time
+from planning_instances import iteration_time, noisy_profile
 from test_planner import P2P_POWER, SYNTHETIC_SHAPES, TINY_INSTANCES, dag_of, smooth_profile, tiny_brute_force
 
 NOISY = ["noisy-2x2", "noisy-3x2"]
@@ -102,6 +103,42 @@ def test_window_floors_raise_the_bound_above_t_min_and_stay_below_the_optimum() 
         assert optimum.optimal
         assert floored.solve(deadline).lower_bound > lp.solve(deadline).lower_bound * (1 + 5e-4)
         assert strengthened_lower_bound(dag, options, P2P_POWER, deadline) <= optimum.lower_bound * (1 + 1e-9)
+
+
+def test_window_floors_enter_the_lp_as_its_optima_violate_them() -> None:
+    # A noisy 4 x 12 pipeline: hundreds of floors, of which each optimum needs a few dozen. The
+    # LP's optimum must still satisfy every one, and a fresh solve must not depend on earlier ones.
+    profile = noisy_profile(4, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
+    dag = dag_of("1f1b", 4, 12)
+    options = clock_options(dag, profile.for_stages(dag.schedule.stage_ranks), P2P_POWER)
+    floors = window_floors(dag, options)
+    floored = HullRelaxation(dag, options, P2P_POWER)
+    rows_before = floored._solver.getNumRow()
+    floored.add_window_floors(floors)
+    hull = [opt.lower_hull() for opt in options]
+    for multiple in (1.0, 1.005, 1.01, 1.03):
+        deadline = multiple * t_min(dag, options)
+        solution = floored.solve_afresh(deadline)
+        assert solution.lower_bound >= HullRelaxation(dag, options, P2P_POWER).solve(deadline).lower_bound * (1 - 1e-12)
+        added = floored._solver.getNumRow() - rows_before
+        assert added < len(floors) / 4
+        if multiple == 1.0:
+            assert added > 0  # the plain LP's optimum there violates some floors
+        # The columns: a start per node, then each node's hull segments in turn (its cost is its fastest
+        # option's plus each segment's fill times its slope; the LP may pay above the hull).
+        columns = np.asarray(floored._solver.getSolution().col_value)
+        start, fills = columns[: dag.num_nodes], columns[dag.num_nodes :]
+        cost = []
+        for time, energy in hull:
+            segments, fills = fills[: len(time) - 1], fills[len(time) - 1 :]
+            cost.append(energy[0] + float(np.diff(energy) / np.diff(time) @ segments))
+        for floor in floors:
+            (first, second), (before, after) = floor.pair, floor.gap
+            gap = start[after] - start[before] - solution.durations[before]
+            assert cost[first] + cost[second] >= floor.intercept + floor.slope * gap - 1e-6
+        fresh = HullRelaxation(dag, options, P2P_POWER)
+        fresh.add_window_floors(floors)
+        assert np.array_equal(fresh.solve_afresh(deadline).durations, solution.durations)
 
 
 @pytest.mark.parametrize("shape", ["noisy-gpipe-3x6", "smooth-interleaved-4x8", "noisy-zero-bubble-4x8"])
