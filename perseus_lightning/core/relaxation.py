@@ -210,12 +210,16 @@ class HullRelaxation(SegmentLP):
         self._floor_row_ids: list[int] = []
         """The model's row index of each added one."""
 
+    def _segments(self, nodes: list[int]) -> np.ndarray:
+        """Indices (among the segment columns) of the hull segments of ``nodes``, in turn."""
+        return np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in nodes])
+
     def add_cost_floor(self, nodes: list[int], floor: float) -> None:
         """Add a row: the summed hull cost of ``nodes`` is at least ``floor`` (J). A valid cut when
         every plan finishing by the deadlines solved for spends at least ``floor`` on them."""
         import highspy
 
-        segments = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in nodes])
+        segments = self._segments(nodes)
         constant = sum(self._fastest_costs[n] for n in nodes)
         index = (self._first_segment_col + segments).astype(np.int32)
         self._solver.addRow(floor - constant, highspy.kHighsInf, len(index), index, self._segment_costs[segments])
@@ -236,8 +240,7 @@ class HullRelaxation(SegmentLP):
         indices, values, lowers = [], [], []
         for floor in floors:
             (first, second), (before, after) = floor.pair, floor.gap
-            pair_segments = np.concatenate([np.arange(self._offsets[n], self._offsets[n + 1]) for n in (first, second)])
-            before_segments = np.arange(self._offsets[before], self._offsets[before + 1])
+            pair_segments, before_segments = self._segments([first, second]), self._segments([before])
             # w = s_after - s_before - (fastest_before + its segments)
             indices.append(np.concatenate([self._first_segment_col + pair_segments, self._first_segment_col + before_segments, [after, before]]))
             values.append(np.concatenate([self._segment_costs[pair_segments], np.full(len(before_segments), floor.slope), [-floor.slope, floor.slope]]))

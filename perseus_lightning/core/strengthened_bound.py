@@ -141,7 +141,7 @@ def _floor_lines(first: ClockOptions, second: ClockOptions, shortest: float) -> 
     each line is at or below it there. Pieces narrower than :data:`NARROWEST_PIECE` are left out."""
     times = (first.time[:, None] + second.time[None, :]).ravel()
     costs = (first.cost[:, None] + second.cost[None, :]).ravel()
-    corner_times, corner_costs = [shortest], [float(costs[times <= shortest].min())]
+    corner_times, corner_costs = [shortest], [_cheapest_pair(first, second, shortest)]
     for k in np.argsort(times, kind="stable").tolist():
         if times[k] > shortest and costs[k] < corner_costs[-1]:
             corner_times.append(float(times[k]))
