@@ -95,6 +95,33 @@ def test_fitting_widens_the_margin_until_the_all_max_schedule_fits() -> None:
     assert end.max() <= t_min * (1 + 1e-9)
 
 
+def test_fitting_starts_from_a_margin_of_half_the_stages_close_to_the_full_lp() -> None:
+    # At margin 2 the all-max-clock schedule already fits, but the full LP's optimum settles into
+    # its period only a few pairs later: measured 1.06 % above the full LP at T_min there, 0.001 %
+    # at margin 4 (half the stages).
+    rng = np.random.default_rng(0)
+    profile = A100_LIKE.profile([(0.05 * (1 + 0.1 * rng.random()), 0.1 * (1 + 0.1 * rng.random())) for _ in range(8)])
+    dag = dag_of("1f1b", 8, 48)
+    options = clock_options(dag, profile, P2P_POWER)
+    t_min = simulate(dag, profile, P2P_POWER).iteration_time
+    full = HullRelaxation(dag, options, P2P_POWER)
+    fitted = PeriodicRelaxation.fitting(dag, options, P2P_POWER, t_min)
+    narrow = SteadyStateFolding.of(dag, margin=2)
+    assert fitted is not None and narrow is not None
+    narrow_lp = PeriodicRelaxation(dag, narrow, options, P2P_POWER)
+    assert narrow_lp.admits(t_min * (1 + 1e-9))
+
+    def value(relaxation: PeriodicRelaxation, deadline: float) -> float:
+        solution = relaxation.solve(deadline)
+        hull_cost = sum(np.interp(d, *opt.lower_hull()) for opt, d in zip(options, solution.durations))
+        return hull_cost + P2P_POWER * dag.num_ranks * solution.deadline
+
+    for headroom in (1.0, 1.02):
+        bound = full.solve(t_min * headroom).lower_bound
+        assert value(fitted, t_min * headroom) <= bound * 1.0001
+        assert value(narrow_lp, t_min * headroom) > bound * 1.0005
+
+
 def test_planner_on_the_periodic_lp_keeps_the_frontier_invariants_close_to_the_full_lp(monkeypatch: pytest.MonkeyPatch) -> None:
     dag = dag_of("1f1b", 4, 24)
     full = plan_frontier(IMBALANCED, dag, P2P_POWER, exact_seconds=0)
@@ -109,6 +136,9 @@ def test_planner_on_the_periodic_lp_keeps_the_frontier_invariants_close_to_the_f
     for point in folded.plans:
         result = simulate(dag, IMBALANCED, P2P_POWER, point.plan)
         assert (point.iteration_time, point.energy) == pytest.approx((result.iteration_time, result.energy), rel=1e-12)
-    # Measured: the periodic zero-slowdown plan costs 0.12 % more than the full LP's on this pipeline.
-    assert folded.fastest.energy <= full.fastest.energy * 1.01
+    # Measured: the periodic zero-slowdown plan costs 0.065 % more than the full LP's on this pipeline,
+    # and no plan more than 0.13 % more than the full LP's frontier at its time (0.29 % when long
+    # pipelines skipped relax-and-fix and reclamation by value).
+    assert folded.fastest.energy <= full.fastest.energy * 1.001
+    assert all(point.energy <= full.select(point.iteration_time).energy * 1.002 for point in folded.plans)
     assert folded.fastest.energy < folded.baseline_energy * 0.97

@@ -34,7 +34,7 @@ DAG = dag_of("1f1b", 4, 12)
 
 def rounder() -> Rounder:
     options = clock_options(DAG, PROFILE.for_stages(DAG.schedule.stage_ranks), P2P_POWER)
-    return Rounder(DAG, options, P2P_POWER * DAG.num_ranks, periodic=False)
+    return Rounder(DAG, options, P2P_POWER * DAG.num_ranks)
 
 
 def jobs(rounder: Rounder, stretches: tuple[float, ...] = (1.0, 1.01, 1.02, 1.05)) -> list[RoundingJob]:
@@ -94,11 +94,27 @@ def test_the_zero_slowdown_plan_is_held_to_its_tighter_target() -> None:
     assert max(gains) > 1e-5, gains
 
 
+def test_without_a_bound_only_the_zero_slowdown_plan_gets_hull_jumps() -> None:
+    # The periodic LP of long pipelines bounds nothing (lower_bound None): its plans are rounded and
+    # reclaimed only, except the zero-slowdown plan (the one deployed), which gets hull jumps too.
+    round_with = rounder()
+    gains = []
+    for job in jobs(round_with):
+        unbounded = dataclasses.replace(job, lower_bound=None)
+        plain = round_with.energy(round_with.round(unbounded))
+        assert plain == round_with._rounded(job.durations, job.deadline)[1]
+        jumped = round_with.round(dataclasses.replace(unbounded, zero_slowdown=True))
+        assert iteration_time(DAG, round_with.options, jumped) <= job.deadline * (1 + 1e-9)
+        assert round_with.energy(jumped) <= plain
+        gains.append(1 - round_with.energy(jumped) / plain)
+    assert max(gains) > 1e-5, gains
+
+
 def test_restarts_round_other_optimal_lp_vertices_and_only_get_cheaper() -> None:
     # On this noisy 4 x 12 pipeline the LP's optimum near T_min is a face whose vertices round apart.
     profile = noisy_profile(3, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
     options = clock_options(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER)
-    round_with = Rounder(DAG, options, P2P_POWER * DAG.num_ranks, periodic=False)
+    round_with = Rounder(DAG, options, P2P_POWER * DAG.num_ranks)
     relaxation = HullRelaxation(DAG, options, P2P_POWER)
     t_min = simulate(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER).iteration_time
     gains = []
@@ -120,7 +136,7 @@ def test_restarts_round_the_optimum_of_the_lp_with_window_floors() -> None:
     # its optimum rounds to a plan 1.16 % above the bound at T_min, the LP's own to 1.45 %.
     profile = noisy_profile(4, 4, {FORWARD: A100_LIKE.frequencies[::3], BACKWARD: A100_LIKE.frequencies[::3]})
     options = clock_options(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER)
-    round_with = Rounder(DAG, options, P2P_POWER * DAG.num_ranks, periodic=False)
+    round_with = Rounder(DAG, options, P2P_POWER * DAG.num_ranks)
     t_min = simulate(DAG, profile.for_stages(DAG.schedule.stage_ranks), P2P_POWER).iteration_time
     relaxed = HullRelaxation(DAG, options, P2P_POWER).solve(t_min)
     floored = HullRelaxation(DAG, options, P2P_POWER)
@@ -136,7 +152,7 @@ def test_restarts_round_the_optimum_of_the_lp_with_window_floors() -> None:
 
 def test_workers_round_in_other_processes_and_keep_the_jobs_order() -> None:
     base = rounder()
-    pid_rounder = PidRounder(base.dag, base.options, base.idle_power, base.periodic)
+    pid_rounder = PidRounder(base.dag, base.options, base.idle_power)
     planned = jobs(base)
     with RoundingPool(pid_rounder, workers=2) as pool:
         answered = list(pool.map(iter(planned)))
@@ -157,7 +173,7 @@ def test_workers_plan_the_same_frontier_as_one_process(monkeypatch: pytest.Monke
 
 def test_a_killed_worker_leaves_the_rest_to_this_process_with_one_warning(caplog: pytest.LogCaptureFixture) -> None:
     base = rounder()
-    dying = DyingRounder(base.dag, base.options, base.idle_power, base.periodic)
+    dying = DyingRounder(base.dag, base.options, base.idle_power)
     planned = jobs(base)
     with caplog.at_level(logging.WARNING, logger=rounding.__name__), RoundingPool(dying, workers=2) as pool:
         plans = [plan for _, plan in pool.map(planned)]
@@ -208,7 +224,7 @@ class SleepyRounder(Rounder):
 if __name__ == "__main__":
     base = rounder()
     job = RoundingJob(1.0, np.zeros(base.dag.num_nodes), None)
-    with RoundingPool(SleepyRounder(base.dag, base.options, base.idle_power, False), workers=2) as pool:
+    with RoundingPool(SleepyRounder(base.dag, base.options, base.idle_power), workers=2) as pool:
         list(pool.map([job, job]))
 """
 

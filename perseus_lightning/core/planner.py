@@ -24,8 +24,8 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
-the number of microbatches, but it gives no lower bound. For time, they skip relax-and-fix, hull
-jumps and reclamation by value, and are seeded with the previous deadline's plan instead.
+the number of microbatches, but it gives no lower bound, so of steps 4 and 5 their plans get only
+hull jumps, and only the zero-slowdown plan.
 
 With ``workers``, the LPs stay in this process, in order, and worker processes do the rest of
 each deadline's work (:mod:`perseus_lightning.core.rounding`), with the same plans as one process.
@@ -240,7 +240,7 @@ def plan_frontier(
     if restarts < 0:
         raise PlanError(f"restarts is {restarts}. Fix: give 0 (none) or more.")
     sweep = _Sweep(profile, dag, p2p_power, restarts)
-    parallel = workers > 1 and not sweep.periodic and dag.num_nodes >= PARALLEL_MIN_NODES
+    parallel = workers > 1 and dag.num_nodes >= PARALLEL_MIN_NODES
     with RoundingPool(sweep.rounder, workers if parallel else 1) as pool:
         t_min = sweep.baseline.iteration_time
         t_star = max(sweep.relaxation.min_energy(t_min).deadline, t_min)
@@ -294,7 +294,7 @@ def _plan_exactly(sweep: _Sweep, plans: list[FrontierPlan], t_min: float, until:
 
 
 class _Sweep:
-    """Plans at successive deadlines (on the periodic LP, each also seeded by the previous deadline's plan)."""
+    """Plans at successive deadlines."""
 
     def __init__(self, profile: Profile, dag: InstructionDAG, p2p_power: float, restarts: int) -> None:
         self.dag = dag
@@ -307,12 +307,8 @@ class _Sweep:
             if dag.num_nodes >= PERIODIC_MIN_NODES else None
         )
         self.relaxation = periodic or HullRelaxation(dag, self.options, p2p_power)
-        self.periodic = periodic is not None
-        """Whether the periodic LP plans this (long) pipeline. For time, it then skips relax-and-fix
-        and reclamation by value, and seeds each deadline with the previous deadline's plan instead."""
-        self.rounder = Rounder(dag, self.options, p2p_power * dag.num_ranks, self.periodic)
+        self.rounder = Rounder(dag, self.options, p2p_power * dag.num_ranks)
         self.restarts = restarts
-        self.previous = self.rounder.fastest
         self.found: list[FrontierPlan] = []
         self._choices: dict[int, np.ndarray] = {}
 
@@ -327,24 +323,15 @@ class _Sweep:
     def plan_each(self, pool: RoundingPool, requests: list[tuple[float, FrontierPlan | None]]) -> Iterator[FrontierPlan]:
         """Plan for each ``(deadline, seed)`` of ``requests`` (``seed``: a plan found earlier, one
         more starting point), recording each plan as it is yielded. The LPs are solved here, all in
-        order (each warm-starts the next), before the first plan; ``pool`` rounds them. On the
-        periodic LP, each deadline is planned in turn, seeded with the previous deadline's plan."""
+        order (each warm-starts the next), before the first plan; ``pool`` rounds them."""
         def job(deadline: float, seed: FrontierPlan | None) -> RoundingJob:
             relaxed = self.relaxation.solve(deadline)
             starts = [] if seed is None else [self._choices[id(seed)]]
-            if self.periodic:
-                starts.append(self.previous)
             t_min = self.baseline.iteration_time
             zero_slowdown = deadline <= t_min * (1 + DEADLINE_TOLERANCE)
             restarts = self.restarts if deadline <= t_min * (1 + RESTART_WITHIN + DEADLINE_TOLERANCE) else 0
             return RoundingJob(deadline, relaxed.durations, relaxed.lower_bound, tuple(starts), zero_slowdown, restarts)
 
-        if self.periodic:
-            for deadline, seed in requests:
-                planned = job(deadline, seed)
-                self.previous = self.rounder.round(planned)
-                yield self._record_plan(self.previous, planned.lower_bound)
-            return
         for planned, best in pool.map(job(deadline, seed) for deadline, seed in requests):
             yield self._record_plan(best, planned.lower_bound)
 

@@ -77,9 +77,10 @@ class RoundingJob:
     durations: np.ndarray
     """The relaxation's per-node durations at ``deadline``."""
     lower_bound: float | None
-    """The LP bound at ``deadline`` (``None`` for the periodic LP: then no hull jumps or search)."""
+    """The LP bound at ``deadline`` (``None`` for the periodic LP: then no search or restarts, and
+    hull jumps only for the zero-slowdown plan)."""
     starts: tuple[np.ndarray, ...] = ()
-    """More starting plans (option indices), e.g. a faster neighbour's plan or the previous deadline's."""
+    """More starting plans (option indices), e.g. a faster neighbour's plan."""
     zero_slowdown: bool = False
     """Whether ``deadline`` is ``T_min``: the zero-slowdown plan, held to a tighter target (``JUMP_ABOVE_AT_T_MIN``)."""
     restarts: int = 0
@@ -90,10 +91,8 @@ class RoundingJob:
 class Rounder:
     """Rounds LP solutions of one DAG to plans (option indices per node)."""
 
-    def __init__(self, dag: InstructionDAG, options: list[ClockOptions], idle_power: float, periodic: bool) -> None:
+    def __init__(self, dag: InstructionDAG, options: list[ClockOptions], idle_power: float) -> None:
         self.dag, self.options, self.idle_power = dag, options, idle_power
-        self.periodic = periodic
-        """Long pipelines on the periodic LP: no relax-and-fix and no reclamation by value, for time."""
         self.fastest = np.zeros(dag.num_nodes, dtype=np.int64)
         self._relaxation: HullRelaxation | None = None
         """This process's own LP, for the restarts (built on first use, never pickled)."""
@@ -107,8 +106,8 @@ class Rounder:
         """The cheapest plan found for ``job`` that finishes by its deadline (all-max-clock's
         reclaimed plan if no start does: the LP's durations end past it by float noise)."""
         plan, energy = self._rounded(job.durations, job.deadline, job.starts)
-        if self.periodic or job.lower_bound is None:
-            return plan
+        if job.lower_bound is None:  # the periodic LP bounds nothing: only the zero-slowdown plan gets jumps
+            return self._jumped(plan, energy, job.deadline)[0] if job.zero_slowdown else plan
         plan, energy = self._improved(plan, energy, job)
         if job.restarts and energy > self._target(job):
             plan, energy = self._restarted(plan, energy, job)
@@ -123,7 +122,7 @@ class Rounder:
         """The cheapest of ``starts`` and the roundings of ``durations``, reclaimed, with its energy."""
         limits = (durations * (1 + ROUNDING_TOLERANCE)).tolist()
         starts = [np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)]), *starts]
-        rounding = None if self.periodic else relax_and_fix(self.dag, self.options, durations, deadline)
+        rounding = relax_and_fix(self.dag, self.options, durations, deadline)
         if rounding is not None:
             starts.append(rounding)
         reclaimed = [r for c in starts for r in self.reclaimed(c, deadline)]
@@ -177,8 +176,8 @@ class Rounder:
         """``choice`` with its slack reclaimed backward (latest instructions first) and by value
         (where it saves the most per second); none if ``choice`` misses ``deadline``."""
         backward = reclaim_slack(self.dag, self.options, choice, deadline)
-        if backward is None or self.periodic:
-            return [] if backward is None else [backward]
+        if backward is None:
+            return []
         by_value = reclaim_slack_by_value(self.dag, self.options, choice, deadline)
         return [backward] if by_value is None else [backward, by_value]
 
