@@ -161,11 +161,15 @@ def test_workers_round_in_other_processes_and_keep_the_jobs_order() -> None:
     assert os.getpid() not in pids and 1 <= len(pids) <= 2
 
 
-def test_workers_plan_the_same_frontier_as_one_process(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("periodic", [False, True], ids=["full-lp", "periodic-lp"])
+def test_workers_plan_the_same_frontier_as_one_process(monkeypatch: pytest.MonkeyPatch, periodic: bool) -> None:
     monkeypatch.setattr(planner, "PARALLEL_MIN_NODES", 0)  # a small pipeline, planned on workers all the same
+    if periodic:  # as long pipelines are
+        monkeypatch.setattr(planner, "PERIODIC_MIN_NODES", 0)
     here = plan_frontier(PROFILE, DAG, P2P_POWER, exact_seconds=0)
     spread = plan_frontier(PROFILE, DAG, P2P_POWER, exact_seconds=0, workers=2)
     assert len(here.plans) >= 5
+    assert all((p.lower_bound is None) == periodic for p in here.plans)
     assert [(p.iteration_time, p.energy, p.lower_bound, p.plan) for p in spread.plans] == [
         (p.iteration_time, p.energy, p.lower_bound, p.plan) for p in here.plans
     ]
