@@ -8,15 +8,32 @@ import pytest
 import perseus_lightning.core.planner as planner
 from perseus_lightning.core.dag import InstructionDAG
 from perseus_lightning.core.gpu_model import A100_LIKE
-from perseus_lightning.core.options import clock_options
+from perseus_lightning.core.options import ClockOptions, clock_options
 from perseus_lightning.core.periodic import PeriodicRelaxation, SteadyStateFolding
 from perseus_lightning.core.planner import MAX_SPACING, plan_frontier
-from perseus_lightning.core.relaxation import HullRelaxation
+from perseus_lightning.core.relaxation import HullRelaxation, RelaxedSolution
 from perseus_lightning.core.simulator import earliest_schedule, simulate
 from planning_instances import dag_of
 
 P2P_POWER = A100_LIKE.blocking_power
 IMBALANCED = A100_LIKE.profile([(0.05, 0.1), (0.03, 0.07), (0.06, 0.11), (0.04, 0.09)])
+
+
+def eight_stage_pipeline(imbalance: float, seed: int) -> tuple[InstructionDAG, list[ClockOptions], float]:
+    """8 x 48 1F1B on an A100-like profile with random stage imbalance up to ``imbalance``: its
+    DAG, clock options and all-max-clock iteration time."""
+    rng = np.random.default_rng(seed)
+    profile = A100_LIKE.profile(
+        [(0.05 * (1 + imbalance * rng.random()), 0.1 * (1 + imbalance * rng.random())) for _ in range(8)]
+    )
+    dag = dag_of("1f1b", 8, 48)
+    return dag, clock_options(dag, profile, P2P_POWER), simulate(dag, profile, P2P_POWER).iteration_time
+
+
+def hull_value(dag: InstructionDAG, options: list[ClockOptions], solution: RelaxedSolution) -> float:
+    """The LP objective of ``solution``'s durations: their hull costs and the idle energy."""
+    hull_cost = sum(np.interp(d, *opt.lower_hull()) for opt, d in zip(options, solution.durations))
+    return hull_cost + P2P_POWER * dag.num_ranks * solution.deadline
 
 
 def test_folding_maps_each_steady_pair_to_one_representative_per_rank() -> None:
@@ -72,19 +89,13 @@ def test_periodic_durations_are_periodic_and_finish_by_the_deadline_at_no_less_t
     for rep in np.unique(folding.representative):
         assert np.ptp(solution.durations[folding.representative == rep]) == pytest.approx(0.0, abs=1e-12)
     options = clock_options(dag, IMBALANCED, P2P_POWER)
-    hull_cost = sum(np.interp(d, *opt.lower_hull()) for opt, d in zip(options, solution.durations))
     assert all(opt.time[0] - 1e-12 <= d <= opt.time[-1] + 1e-12 for opt, d in zip(options, solution.durations))
-    periodic_value = hull_cost + P2P_POWER * dag.num_ranks * solution.deadline
-    assert periodic_value >= full.solve(deadline).lower_bound * (1 - 1e-9)
+    assert hull_value(dag, options, solution) >= full.solve(deadline).lower_bound * (1 - 1e-9)
 
 
 def test_fitting_widens_the_margin_until_the_all_max_schedule_fits() -> None:
     # 50 % imbalance: the all-max-clock schedule settles into its period only after a few pairs.
-    rng = np.random.default_rng(1)
-    profile = A100_LIKE.profile([(0.05 * (1 + 0.5 * rng.random()), 0.1 * (1 + 0.5 * rng.random())) for _ in range(8)])
-    dag = dag_of("1f1b", 8, 48)
-    options = clock_options(dag, profile, P2P_POWER)
-    t_min = simulate(dag, profile, P2P_POWER).iteration_time
+    dag, options, t_min = eight_stage_pipeline(0.5, seed=1)
     narrow = SteadyStateFolding.of(dag, margin=2)
     assert narrow is not None
     assert not PeriodicRelaxation(dag, narrow, options, P2P_POWER).admits(t_min * (1 + 1e-9))
@@ -99,27 +110,17 @@ def test_fitting_starts_from_a_margin_of_half_the_stages_close_to_the_full_lp() 
     # At margin 2 the all-max-clock schedule already fits, but the full LP's optimum settles into
     # its period only a few pairs later: measured 1.06 % above the full LP at T_min there, 0.001 %
     # at margin 4 (half the stages).
-    rng = np.random.default_rng(0)
-    profile = A100_LIKE.profile([(0.05 * (1 + 0.1 * rng.random()), 0.1 * (1 + 0.1 * rng.random())) for _ in range(8)])
-    dag = dag_of("1f1b", 8, 48)
-    options = clock_options(dag, profile, P2P_POWER)
-    t_min = simulate(dag, profile, P2P_POWER).iteration_time
+    dag, options, t_min = eight_stage_pipeline(0.1, seed=0)
     full = HullRelaxation(dag, options, P2P_POWER)
     fitted = PeriodicRelaxation.fitting(dag, options, P2P_POWER, t_min)
     narrow = SteadyStateFolding.of(dag, margin=2)
     assert fitted is not None and narrow is not None
     narrow_lp = PeriodicRelaxation(dag, narrow, options, P2P_POWER)
     assert narrow_lp.admits(t_min * (1 + 1e-9))
-
-    def value(relaxation: PeriodicRelaxation, deadline: float) -> float:
-        solution = relaxation.solve(deadline)
-        hull_cost = sum(np.interp(d, *opt.lower_hull()) for opt, d in zip(options, solution.durations))
-        return hull_cost + P2P_POWER * dag.num_ranks * solution.deadline
-
     for headroom in (1.0, 1.02):
         bound = full.solve(t_min * headroom).lower_bound
-        assert value(fitted, t_min * headroom) <= bound * 1.0001
-        assert value(narrow_lp, t_min * headroom) > bound * 1.0005
+        assert hull_value(dag, options, fitted.solve(t_min * headroom)) <= bound * 1.0001
+        assert hull_value(dag, options, narrow_lp.solve(t_min * headroom)) > bound * 1.0005
 
 
 def test_planner_on_the_periodic_lp_keeps_the_frontier_invariants_close_to_the_full_lp(monkeypatch: pytest.MonkeyPatch) -> None:
