@@ -26,7 +26,7 @@ from perseus_lightning.core.relaxation import SegmentLP
 from perseus_lightning.core.slack import DEADLINE_TOLERANCE
 
 MARGIN = 2
-"""Steady-state pairs at each end of a rank's steady state that keep their own durations (at least)."""
+"""The fewest steady-state pairs at each end of a rank's steady state that keep their own durations."""
 MARGIN_PER_STAGE = 0.5
 """Margin per pipeline stage that :meth:`PeriodicRelaxation.fitting` starts from. The full LP's
 optimum settles into its period only about as many pairs into the steady state as there are stages:

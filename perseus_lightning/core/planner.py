@@ -24,8 +24,8 @@ slowdown) to ``T*`` (the minimum-energy iteration time). At each deadline it
 
 Long synchronous-1F1B pipelines (``PERIODIC_MIN_NODES`` instructions or more) use the periodic LP
 (:mod:`perseus_lightning.core.periodic`) instead of the full relaxation: its size does not grow with
-the number of microbatches, but it gives no lower bound, so of steps 4 and 5 their plans get only
-hull jumps, and only the zero-slowdown plan.
+the number of microbatches, but it gives no lower bound, so their plans get no search or restarts,
+and only the zero-slowdown plan gets hull jumps (steps 4 and 5).
 
 With ``workers``, the LPs stay in this process, in order, and worker processes do the rest of
 each deadline's work (:mod:`perseus_lightning.core.rounding`), with the same plans as one process.
