@@ -94,6 +94,21 @@ def test_the_zero_slowdown_plan_is_held_to_its_tighter_target() -> None:
     assert max(gains) > 1e-5, gains
 
 
+def test_relax_and_fix_rounds_only_pipelines_up_to_its_size_limit(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    real = rounding.relax_and_fix
+    monkeypatch.setattr(rounding, "relax_and_fix", lambda *args: calls.append(args[0]) or real(*args))
+    round_with = rounder()
+    job = jobs(round_with, (1.02,))[0]
+    monkeypatch.setattr(rounding, "RELAX_AND_FIX_MAX_NODES", DAG.num_nodes)
+    round_with.round(job)
+    assert calls == [DAG]
+    monkeypatch.setattr(rounding, "RELAX_AND_FIX_MAX_NODES", DAG.num_nodes - 1)
+    plan = round_with.round(job)
+    assert calls == [DAG]
+    assert iteration_time(DAG, round_with.options, plan) <= job.deadline * (1 + 1e-9)
+
+
 def test_without_a_bound_only_the_zero_slowdown_plan_gets_hull_jumps() -> None:
     # The periodic LP of long pipelines bounds nothing (lower_bound None): its plans are rounded and
     # reclaimed only, except the zero-slowdown plan (the one deployed), which gets hull jumps too.
