@@ -63,10 +63,9 @@ def largest_spacing(frontier: Frontier) -> float:
     return max(np.diff([p.iteration_time for p in frontier.plans]), default=0.0) / frontier.baseline_time
 
 
-def frontier_quality(frontier: Frontier, profile: Profile) -> tuple[float, float, float, float]:
+def frontier_quality(frontier: Frontier, options: list[ClockOptions], bounds: list[float]) -> tuple[float, float, float, float]:
     """(gap at zero slowdown, the proven least such gap, largest gap at each plan's own time,
-    largest spacing / T_min)."""
-    options, bounds = lp_bounds(frontier, profile)
+    largest spacing / T_min), from :func:`lp_bounds`'s ``options`` and ``bounds``."""
     gaps = [p.energy / bound - 1 for p, bound in zip(frontier.plans, bounds)]
     least = strengthened_lower_bound(frontier.dag, options, frontier.p2p_power, frontier.fastest.iteration_time) / bounds[0] - 1
     return gaps[0], least, max(gaps), largest_spacing(frontier)
@@ -110,7 +109,7 @@ def main() -> None:
             started = time.perf_counter()
             frontier = plan_frontier(profile, dag, power, workers=args.workers, restarts=args.restarts)
             elapsed = time.perf_counter() - started
-            gap0, least_gap0, max_gap, spacing = frontier_quality(frontier, profile)
+            gap0, least_gap0, max_gap, spacing = frontier_quality(frontier, *lp_bounds(frontier, profile))
             saving = 1 - frontier.fastest.energy / frontier.baseline_energy
             lowtime = lowtime_columns(profile, m, power, (frontier.baseline_time, frontier.baseline_energy), args.lowtime_max)
             table.add_row(gpu, str(m), str(len(frontier.plans)), f"{elapsed:.2f}", f"{100 * saving:.2f} %",
@@ -163,7 +162,7 @@ def scale_table(workers: int) -> Table:
         max_gap = "skipped"
         if dag.num_nodes <= FULL_LP_MAX_GAP_NODES:
             max_gap = f"{100 * max(p.energy / full.solve(p.iteration_time).lower_bound - 1 for p in frontier.plans):.3f} %"
-        spacing = max(np.diff([p.iteration_time for p in frontier.plans]), default=0.0) / frontier.baseline_time
+        spacing = largest_spacing(frontier)
         table.add_row(f"{stages} x {microbatches}", str(dag.num_nodes), str(len(frontier.plans)), f"{elapsed:.1f}", f"{peak:.0f}", f"{worker:.0f}",
                       f"{100 * (1 - frontier.fastest.energy / frontier.baseline_energy):.2f} %",
                       f"{100 * (frontier.fastest.energy / bound - 1):.3f} %", max_gap, f"{100 * spacing:.2f} %", f"{bound_time:.1f}")

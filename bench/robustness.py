@@ -47,11 +47,11 @@ from perseus_lightning.core.profile import Profile
 from perseus_lightning.core.rounding import ROUNDING_TOLERANCE, available_cpus
 from perseus_lightning.core.schedules import build_schedule
 from perseus_lightning.core.simulator import simulate
-from perseus_lightning.core.strengthened_bound import pair_cost_floors, strengthened_lower_bound
+from perseus_lightning.core.strengthened_bound import pair_cost_floors
 
 sys.path.insert(0, str(Path(__file__).parent))
 from milp_reference import milp_plan_energy, option_indices  # noqa: E402  (beside this script)
-from planner import DATA, PROFILES, STAGES, largest_spacing, lp_bounds  # noqa: E402
+from planner import DATA, PROFILES, STAGES, frontier_quality, lp_bounds  # noqa: E402
 
 NOISE = ((0.0, 0.0), (0.005, 0.02), (0.01, 0.05), (0.03, 0.10))
 """(time sigma, energy sigma) of the log-normal perturbations; the first is the profile as measured."""
@@ -118,12 +118,11 @@ def measure(profile: Profile, power: float, microbatches: int, workers: int, mil
     frontier = plan_frontier(profile, dag, power, workers=workers)
     seconds = time.perf_counter() - started
     options, bounds = lp_bounds(frontier, profile)
-    gaps = [p.energy / bound - 1 for p, bound in zip(frontier.plans, bounds)]
-    least = strengthened_lower_bound(dag, options, power, frontier.fastest.iteration_time) / bounds[0] - 1
+    gap_at_zero, least, max_gap, spacing = frontier_quality(frontier, options, bounds)
     milp = milp_at_zero_slowdown(frontier, profile, options, milp_seconds) / bounds[0] - 1 if milp_seconds else None
     lowtime = lowtime_at_zero_slowdown(profile, frontier, microbatches) if with_lowtime else None
     return Run(seconds, broken_invariants(frontier, profile), 1 - frontier.fastest.energy / frontier.baseline_energy,
-               gaps[0], least, max(gaps), largest_spacing(frontier), milp, lowtime)
+               gap_at_zero, least, max_gap, spacing, milp, lowtime)
 
 
 def milp_at_zero_slowdown(frontier: Frontier, profile: Profile, options: list[ClockOptions], seconds: float) -> float:
