@@ -126,11 +126,8 @@ class Rounder:
         """The cheapest of ``starts`` and the roundings of ``durations``, reclaimed, with its energy."""
         limits = (durations * (1 + ROUNDING_TOLERANCE)).tolist()
         starts = [np.array([opt.cheapest_within(d) for opt, d in zip(self.options, limits)]), *starts]
-        rounding = None
         if self.dag.num_nodes <= RELAX_AND_FIX_MAX_NODES:
-            rounding = relax_and_fix(self.dag, self.options, durations, deadline)
-        if rounding is not None:
-            starts.append(rounding)
+            starts.append(relax_and_fix(self.dag, self.options, durations, deadline))
         reclaimed = [r for c in starts for r in self.reclaimed(c, deadline)]
         if not reclaimed:
             reclaimed = self.reclaimed(self.fastest, deadline)
